@@ -1,0 +1,162 @@
+"""From lists of files to batches: decoding (once, into an in-memory cache, when it fits), bad-image
+handling, train-time augmentation on uint8 tensors, and the DataLoaders.
+
+Batches are uint8 NCHW tensors: normalisation happens inside the model (see models.ImageClassifier),
+so a quarter of the bytes cross from worker processes and to the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from imgcls.data.images import load_square
+from imgcls.errors import ImgclsError
+
+__all__ = ["ImageDataset", "decode_all", "find_bad_images", "train_transform", "make_loader", "default_workers"]
+
+log = logging.getLogger("imgcls")
+
+
+def train_transform(augment: str, size: int) -> v2.Transform | None:
+    """Augmentation applied to one uint8 CHW tensor that is already `size` x `size`."""
+    if augment == "none":
+        return None
+    if augment == "light":
+        return v2.Compose([
+            v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"),
+            v2.RandomHorizontalFlip(),
+        ])
+    if augment == "standard":
+        return v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+        ])
+    raise ValueError(f"unknown augmentation preset {augment!r}")
+
+
+def _decode_chunk(args: tuple[list[str], int, str, bool]) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
+    """Decode (or, with keep=False, only check) a chunk of files; runs in a worker process."""
+    paths, size, policy, keep = args
+    images = np.zeros((len(paths) if keep else 0, size, size, 3), dtype=np.uint8)
+    bad = []
+    for index, path in enumerate(paths):
+        try:
+            if keep:
+                images[index] = load_square(path, size, policy)
+            else:
+                with Image.open(path) as image:
+                    image.verify()  # header and structure, without decoding every pixel
+        except Exception as error:  # PIL raises many types for broken files
+            bad.append((index, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+    return (images if keep else None), bad
+
+
+def _run_chunks(paths: list[str], size: int, policy: str, keep: bool, processes: int, what: str):
+    chunk = max(64, min(2048, len(paths) // (processes * 8) + 1))
+    jobs = [(paths[i: i + chunk], size, policy, keep) for i in range(0, len(paths), chunk)]
+    from imgcls.tracking import progress
+
+    starts = range(0, len(paths), chunk)
+    if processes <= 1 or len(jobs) == 1:
+        yield from zip(starts, progress(map(_decode_chunk, jobs), total=len(jobs), description=what))
+        return
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        yield from zip(starts, progress(pool.map(_decode_chunk, jobs), total=len(jobs), description=what))
+
+
+def decode_all(paths: list[str], size: int, policy: str, processes: int) -> tuple[np.ndarray, dict[str, str]]:
+    """Decode every file to a `size` x `size` uint8 image, in parallel processes.
+
+    Returns (images N x size x size x 3, {bad path: reason}); bad images are left as zeros.
+    """
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    bad = {}
+    for start, (chunk_images, chunk_bad) in _run_chunks(paths, size, policy, True, processes, f"decoding {len(paths)} images"):
+        images[start: start + len(chunk_images)] = chunk_images
+        bad.update({paths[start + i]: reason for i, reason in chunk_bad})
+    return images, bad
+
+
+def find_bad_images(paths: list[str], processes: int) -> dict[str, str]:
+    """Cheap check of every file (header and structure) when the images are not decoded up front."""
+    bad = {}
+    for start, (_, chunk_bad) in _run_chunks(paths, 0, "crop", False, processes, f"checking {len(paths)} images"):
+        bad.update({paths[start + i]: reason for i, reason in chunk_bad})
+    return bad
+
+
+class ImageDataset(Dataset):
+    """(uint8 CHW image, class index) pairs, from a decoded array or from the files themselves."""
+
+    def __init__(self, paths: list[str], labels: list[int], size: int, policy: str,
+                 transform: v2.Transform | None = None, images: np.ndarray | None = None):
+        self.paths, self.labels = paths, torch.as_tensor(labels, dtype=torch.long)
+        self.size, self.policy, self.transform = size, policy, transform
+        # NHWC uint8 shared with forked workers without copying; permuted per item, a view
+        self.images = torch.from_numpy(images) if images is not None else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _read(self, index: int) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[index].permute(2, 0, 1)
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                return torch.from_numpy(load_square(path, self.size, self.policy)).permute(2, 0, 1)
+            except Exception as error:
+                # the file changed since it was checked; never stop an epoch for one image
+                log.warning(f"skipping unreadable image {path}: {error}")
+        raise ImgclsError("no readable image left in the dataset")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self._read(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image.contiguous(), self.labels[index]
+
+
+def default_workers(cached: bool) -> int:
+    """Loader processes: decoding from files needs every core; cached images need one helper to
+    overlap augmentation with compute without taking a core away from the model (2-core CPUs)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cached:
+        return 1 if cores <= 4 else min(4, cores // 2)
+    return max(1, min(8, cores - 1 if cores > 2 else cores))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # one thread per loader process: no oversubscription with the model
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int, shuffle: bool,
+                generator: torch.Generator | None = None, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader. For training pass `shuffle=True` and a `generator` that the loop reseeds every epoch
+    (seed + epoch): the order and the augmentation then depend only on the epoch, so resume is exact."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=pin_memory,
+        drop_last=shuffle and len(dataset) > batch_size,  # no 1-image batch at the end (BatchNorm)
+        persistent_workers=False,  # fresh workers each epoch take their seeds from the reseeded generator
+        multiprocessing_context="fork" if workers and sys.platform.startswith("linux") else None,
+    )

@@ -1,0 +1,161 @@
+"""Model registry: every timm architecture plus `small_resnet`, a residual CNN for small images.
+
+Every model is wrapped in `ImageClassifier`, which takes uint8 (or 0..255 float) NCHW images and
+normalises them itself: the artifact then carries its own preprocessing, and the exported graph
+takes raw pixels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imgcls.errors import ImgclsError
+
+__all__ = ["ImageClassifier", "SmallResNet", "create_model", "list_models", "default_preprocessing", "load_weights"]
+
+LOCAL_MODELS = ("small_resnet",)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        nn.init.zeros_(self.bn2.weight)  # each block starts as the identity: trains stably from scratch
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet for 16-64 px images: a 3x3 stem at full resolution (no early downsampling, which
+    would throw away most of a 28 px image), then three stages that halve the resolution twice."""
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...] = (32, 64, 128), blocks: int = 1,
+                 drop_rate: float = 0.0):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        stages, channels = [], widths[0]
+        for stage, width in enumerate(widths):
+            for block in range(blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                stages.append(BasicBlock(channels, width, stride))
+                channels = width
+        self.stages = nn.Sequential(*stages)
+        self.num_features = channels
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(features.mean((2, 3))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class ImageClassifier(nn.Module):
+    """Normalisation + backbone. Input: NCHW images with values 0..255 (uint8 or float)."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        # stored scaled to 0..255 so the forward pass needs no division by 255
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images.float() - self.mean) / self.std)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names `create_model` accepts that match a shell-style pattern (e.g. `resnet*`, `*vit*`)."""
+    import timm
+
+    local = [name for name in LOCAL_MODELS if fnmatch.fnmatch(name, pattern)]
+    return local + timm.list_models(pattern)
+
+
+def default_preprocessing(name: str) -> dict:
+    """Input size, mean and std that a model expects (from timm's pretrained config)."""
+    if name == "small_resnet":
+        return {"image_size": None, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    import timm
+
+    config = timm.get_pretrained_cfg(name)
+    if config is None:
+        return {"image_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    return {"image_size": int(config.input_size[-1]), "mean": tuple(config.mean), "std": tuple(config.std)}
+
+
+def _create_backbone(name: str, num_classes: int, drop_rate: float) -> nn.Module:
+    if name == "small_resnet":
+        return SmallResNet(num_classes, drop_rate=drop_rate)
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:4]}*")[:5] if len(name) >= 4 else []
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ImgclsError(f"unknown model '{name}'{hint}; `imgcls models PATTERN` lists the names")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+
+
+def load_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a .safetensors file or a PyTorch state_dict (optionally inside a checkpoint dict) into
+    `backbone`, leaving out the tensors whose shapes differ (the old classifier head).
+
+    Raises:
+        ImgclsError: the file is missing or unreadable, or almost none of its tensors fit the model.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ImgclsError(f"model.pretrained: file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ImgclsError(f"model.pretrained: cannot read {path}: {str(error).splitlines()[0]}") from error
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    # weights saved from an ImageClassifier carry a "backbone." prefix
+    state = {key.removeprefix("backbone."): value for key, value in state.items()}
+    own = backbone.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(fitting) < 0.5 * len(own):
+        raise ImgclsError(
+            f"model.pretrained: only {len(fitting)} of {len(own)} tensors in {path} fit this model; "
+            "is it for a different architecture than model.name?"
+        )
+    backbone.load_state_dict(fitting, strict=False)
+
+
+def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 drop_rate: float = 0.0, pretrained: str | None = None) -> ImageClassifier:
+    """Build `name` with a `num_classes` head, optionally starting from a local weights file.
+
+    Raises:
+        ImgclsError: unknown model name or unusable weights file.
+    """
+    backbone = _create_backbone(name, num_classes, drop_rate)
+    if pretrained:
+        load_weights(backbone, pretrained)
+    return ImageClassifier(backbone, mean, std)

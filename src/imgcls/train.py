@@ -1,0 +1,381 @@
+"""Training: `train(config)` sets up a run and runs the loop; `train_one_epoch` is one pass over the data.
+
+Read top to bottom: run folder -> data -> model -> optimiser -> (resume) -> epochs -> final test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from imgcls.checkpoint import load_artifact, load_checkpoint, save_artifact, save_checkpoint
+from imgcls.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from imgcls.data import (
+    DataSource, assign_splits, build_datasets, default_workers, make_loader, median_side, read_splits_csv,
+    resolve_source, write_splits_csv,
+)
+from imgcls.errors import ImgclsError
+from imgcls.evaluate import compute_metrics, evaluate, predict_loader
+from imgcls.models import create_model, default_preprocessing
+from imgcls.runtime import Runtime, rng_state, seed_everything, set_rng_state, set_threads
+from imgcls.tracking import (
+    StepProgress, append_metrics, create_run_dir, environment, setup_logging, truncate_metrics, update_summary,
+)
+
+__all__ = ["train", "train_one_epoch", "cosine_with_warmup"]
+
+log = logging.getLogger("imgcls")
+
+# keys that may change when resuming; anything else would make the resumed run a different experiment
+RESUMABLE_OVERRIDES = ("train.epochs", "train.patience", "device", "data.workers", "train.log_every")
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedules and small pieces of arithmetic
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up from ~0 to 1, then half a cosine down to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def is_improvement(value: float, best: float | None, metric: str) -> bool:
+    """Lower is better for losses, higher for everything else."""
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    # no weight decay on biases and normalisation weights (1-D tensors), as in timm and torchvision
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.optim.lr)
+    if config.optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.optim.lr, momentum=config.optim.momentum, nesterov=True)
+    raise ImgclsError(f"unknown optim.name '{config.optim.name}'; use adamw or sgd")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):
+    """Returns (scheduler, when): `when` is "step" (after every optimiser step) or "epoch"."""
+    name = config.optim.scheduler
+    if name == "cosine":
+        warmup = round(config.optim.warmup_epochs * steps_per_epoch)
+        total = config.train.epochs * steps_per_epoch
+        schedule = lambda step: cosine_with_warmup(step, warmup, total)  # noqa: E731
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "step"
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.optim.step_epochs, config.optim.gamma), "epoch"
+    if name == "plateau":
+        mode = "min" if config.train.monitor.endswith("loss") else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=config.optim.gamma, patience=config.optim.plateau_patience
+        ), "epoch"
+    if name == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), "step"
+    raise ImgclsError(f"unknown optim.scheduler '{name}'; use cosine, step, plateau or none")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_function: Callable,
+                    runtime: Runtime, scaler: torch.amp.GradScaler, step_scheduler=None,
+                    grad_clip: float | None = None, description: str = "train", log_every: int = 50) -> dict[str, float]:
+    """One pass over `loader`. Returns train_loss, train_acc1, images, seconds and data_wait (the share
+    of the time spent waiting for the next batch: high means the loader, not the model, is the limit)."""
+    model.train()
+    loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: no CPU-GPU sync per step
+    correct = torch.zeros((), device=runtime.device)
+    images_seen, waited = 0, 0.0
+    started = time.perf_counter()
+    with StepProgress(len(loader), description, every=log_every) as bar:
+        ready = time.perf_counter()
+        for step, (images, labels) in enumerate(loader):
+            waited += time.perf_counter() - ready
+            images, labels = runtime.to_device(images), labels.to(runtime.device, non_blocking=True)
+            with runtime.autocast():
+                logits = model(images)
+                loss = loss_function(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if step_scheduler is not None:
+                step_scheduler.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            images_seen += len(labels)
+            if bar.count % max(1, log_every) == 0 or bar.total - bar.count < 2:
+                # .item() is a CPU-GPU sync point: only when a progress line is due
+                bar.update(1, f"loss {loss_sum.item() / images_seen:.4f}")
+            else:
+                bar.update(1)
+            ready = time.perf_counter()
+    seconds = time.perf_counter() - started
+    if images_seen == 0:
+        raise ImgclsError("the training split produced no batches; lower train.batch_size or add images")
+    return {
+        "train_loss": loss_sum.item() / images_seen,
+        "train_acc1": correct.item() / images_seen,
+        "images": images_seen,
+        "seconds": seconds,
+        "data_wait": waited / max(seconds, 1e-9),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# set-up helpers
+
+
+def _resolve_auto(config: Config, source: DataSource) -> Config:
+    """Fill in `model.name=auto` and `data.image_size=None` from the data, so the saved config is explicit."""
+    model_name, image_size = config.model.name, config.data.image_size
+    if model_name == "auto" or (image_size is None and model_name == "small_resnet"):
+        side = median_side([path for path, _ in source.splits["train"]])
+        if model_name == "auto":
+            model_name = "small_resnet" if side <= 64 else "resnet18"
+        if image_size is None and model_name == "small_resnet":
+            image_size = int(min(64, max(16, math.ceil(side / 4) * 4)))  # a multiple of 4 for two 2x downsamplings
+    if image_size is None:
+        image_size = default_preprocessing(model_name)["image_size"]
+    return replace(config, model=replace(config.model, name=model_name), data=replace(config.data, image_size=image_size))
+
+
+def _log_data_summary(source: DataSource, class_names: list[str]) -> None:
+    for split, samples in source.splits.items():
+        counts = source.counts(split)
+        smallest = min(counts.values()) if counts else 0
+        largest = max(counts.values()) if counts else 0
+        log.info(f"  {split:5s} {len(samples):7d} images, {len(counts)} classes, "
+                 f"{smallest}-{largest} per class")
+    train_counts = source.counts("train")
+    ratio = max(train_counts.values()) / max(1, min(train_counts.values()))
+    if ratio >= 10:
+        rare = min(train_counts, key=train_counts.get)
+        log.warning(f"training classes are imbalanced {ratio:.0f}:1 (fewest: '{rare}', {train_counts[rare]} images); "
+                    "watch balanced accuracy and macro-F1, not only accuracy")
+
+
+def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str, Any], epoch: int,
+                      env: dict[str, Any]) -> dict[str, Any]:
+    """What the model artifact carries so that predict/eval/export need nothing else."""
+    preprocessing = default_preprocessing(config.model.name)
+    return {
+        "model_name": config.model.name,
+        "class_names": class_names,
+        "drop_rate": config.model.drop_rate,
+        "preprocessing": {
+            "image_size": config.data.image_size,
+            "resize": config.data.resize,
+            "mean": list(preprocessing["mean"]),
+            "std": list(preprocessing["std"]),
+            "input": "RGB uint8 NCHW, 0..255; the model normalises",
+        },
+        "epoch": epoch,
+        "metrics": metrics,
+        "config": config_to_dict(config),
+        "versions": env.get("versions", {}),
+    }
+
+
+def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
+    source = resolve_source(config.data.path)
+    source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.seed)
+    config = _resolve_auto(config, source)
+    run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
+    config = replace(config, run=replace(config.run, name=run_dir.name))
+    setup_logging(run_dir)
+    save_config(config, run_dir / "config.yaml")
+    write_splits_csv(source, run_dir / "splits.csv")
+    (run_dir / "checkpoints").mkdir()
+    return config, run_dir, source
+
+
+def _resume_run(run: str | Path, overrides: list[str]) -> tuple[Config, Path, DataSource, dict]:
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").exists():
+        raise ImgclsError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
+    saved = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", overrides)
+    changed = [key for key in (o.split("=", 1)[0] for o in overrides) if key not in RESUMABLE_OVERRIDES]
+    if changed:
+        raise ImgclsError(f"cannot change '{changed[0]}' when resuming (only {', '.join(RESUMABLE_OVERRIDES)}); "
+                          f"start a new run with -c {run_dir}/config.yaml instead")
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    if config.train.epochs != saved.train.epochs:
+        log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
+    setup_logging(run_dir)
+    source = read_splits_csv(run_dir / "splits.csv", config.data.path)
+    return config, run_dir, source, checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------
+# train()
+
+
+def train(config: Config | None = None, *, resume: str | Path | None = None, overrides: list[str] = (),
+          force: bool = False) -> Path:
+    """Train a classifier and return its run folder.
+
+    Args:
+        config: the full configuration (see `imgcls.config.Config`); ignored with `resume`.
+        resume: a run folder to continue from its `checkpoints/last.ckpt`.
+        overrides: with `resume`, `key=value` changes allowed on resume (e.g. `train.epochs=20`).
+        force: replace an existing run folder of the same explicit `run.name`.
+    Raises:
+        ImgclsError: bad data, config or run folder.
+    """
+    set_threads()
+    checkpoint = None
+    if resume is not None:
+        config, run_dir, source, checkpoint = _resume_run(resume, list(overrides))
+    else:
+        if config is None:
+            raise ImgclsError("train() needs a config or resume=RUN")
+        config, run_dir, source = _start_run(config, force)
+    seed_everything(config.seed, config.train.deterministic)
+    runtime = Runtime.create(config.device, config.train.precision)
+    env = environment(device=str(runtime.device), precision=runtime.precision, seed=config.seed)
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    update_summary(run_dir, status="running", run=str(run_dir), started=env["created"], error=None)
+    try:
+        result = _fit(config, run_dir, source, runtime, env, checkpoint)
+    except KeyboardInterrupt:
+        update_summary(run_dir, status="interrupted", ended=environment()["created"])
+        log.warning(f"interrupted; continue with: imgcls train --resume {run_dir}")
+        raise
+    except BaseException as error:
+        update_summary(run_dir, status="failed", ended=environment()["created"], error=f"{type(error).__name__}: {error}")
+        raise
+    update_summary(run_dir, status="completed", ended=environment()["created"], **result)
+    return run_dir
+
+
+def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None) -> dict:
+    # ---- data: decode (once), check, and build the loaders
+    class_names = source.class_names
+    log.info(f"run folder: {run_dir}")
+    log.info(f"data: {source.name}, {len(class_names)} classes")
+    _log_data_summary(source, class_names)
+    prepared = build_datasets(source.splits, class_names, config.data.image_size, config.data.resize,
+                              config.data.augment, config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
+    if prepared.bad_images:
+        (run_dir / "bad_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in prepared.bad_images.items()))
+    workers = config.data.workers if config.data.workers is not None else default_workers(prepared.cached)
+    pin = runtime.device.type == "cuda"
+    generator = torch.Generator()  # reseeded every epoch: order and augmentation depend only on (seed, epoch)
+    train_loader = make_loader(prepared.datasets["train"], config.train.batch_size, workers, True, generator, pin)
+    val_loader = make_loader(prepared.datasets["val"], config.train.batch_size * 2, 0 if prepared.cached else workers,
+                             False, pin_memory=pin)
+
+    # ---- model
+    preprocessing = default_preprocessing(config.model.name)
+    model = create_model(config.model.name, len(class_names), preprocessing["mean"], preprocessing["std"],
+                         config.model.drop_rate, config.model.pretrained)
+    model = runtime.prepare_model(model)
+    parameters = sum(p.numel() for p in model.parameters())
+    log.info(f"model: {config.model.name}, {parameters / 1e6:.2f}M parameters, {config.data.image_size} px input, "
+             f"{runtime.precision} on {runtime.device}, {workers} loader worker(s), "
+             f"{'decoded images cached in memory' if prepared.cached else 'decoding from files'}")
+
+    # ---- optimisation
+    optimizer = build_optimizer(model, config)
+    scheduler, schedule_every = build_scheduler(optimizer, config, len(train_loader))
+    scaler = runtime.grad_scaler()
+    loss_function = nn.CrossEntropyLoss(label_smoothing=config.loss.label_smoothing)
+    monitor = config.train.monitor
+
+    # ---- resume: every piece of state, so the run continues as if never stopped
+    start_epoch, best, best_epoch, stale_epochs = 1, None, 0, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        start_epoch = checkpoint["epoch"] + 1
+        best, best_epoch, stale_epochs = checkpoint["best"], checkpoint["best_epoch"], checkpoint["stale_epochs"]
+        truncate_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
+        log.info(f"resumed after epoch {checkpoint['epoch']} (best {monitor} {best:.4f} at epoch {best_epoch})")
+
+    # ---- epochs
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.train.epochs + 1):
+        generator.manual_seed(config.seed + epoch)
+        stats = train_one_epoch(
+            model, train_loader, optimizer, loss_function, runtime, scaler,
+            step_scheduler=scheduler if schedule_every == "step" else None, grad_clip=config.train.grad_clip,
+            description=f"epoch {epoch}/{config.train.epochs}", log_every=config.train.log_every,
+        )
+        lr = optimizer.param_groups[0]["lr"]
+        validation_started = time.perf_counter()
+        val = compute_metrics(*predict_loader(model, val_loader, runtime))
+        val = {f"val_{key}": value for key, value in val.items() if key != "n"}
+        if schedule_every == "epoch":
+            scheduler.step(val[monitor]) if config.optim.scheduler == "plateau" else scheduler.step()
+        improved = is_improvement(val[monitor], best, monitor)
+        if improved:
+            best, best_epoch, stale_epochs = val[monitor], epoch, 0
+        else:
+            stale_epochs += 1
+        row = {
+            "epoch": epoch, "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"], **val, "lr": lr,
+            "epoch_seconds": stats["seconds"] + time.perf_counter() - validation_started,
+            "train_images_per_s": stats["images"] / stats["seconds"], "data_wait": stats["data_wait"],
+        }
+        append_metrics(run_dir / "metrics.csv", row)
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+            "stale_epochs": stale_epochs, "rng": rng_state(), "config": config_to_dict(config),
+            "class_names": class_names,
+        }
+        save_checkpoint(run_dir / "checkpoints" / "last.ckpt", state)
+        if improved:
+            save_checkpoint(run_dir / "checkpoints" / "best.ckpt", state)
+            metrics = {key: value for key, value in row.items() if key.startswith("val_")}
+            save_artifact(run_dir / "checkpoints" / "model.safetensors", model.state_dict(),
+                          artifact_metadata(config, class_names, metrics, epoch, env))
+        log.info(
+            f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_acc1 {row['val_acc1']:.4f}  val_acc5 {row['val_acc5']:.4f}  lr {lr:.2e}  "
+            f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s" + ("  * best" if improved else "")
+        )
+        if stats["data_wait"] > 0.2:
+            log.warning(f"{stats['data_wait']:.0%} of the step time was spent waiting for data; "
+                        "use data.cache=on, a smaller image size, or more data.workers")
+        if config.train.patience is not None and stale_epochs >= config.train.patience:
+            log.info(f"early stop: {monitor} has not improved for {stale_epochs} epochs (best at epoch {best_epoch})")
+            break
+
+    # ---- final evaluation of the best weights on the test split (val when there is none)
+    split = "test" if "test" in source.splits else "val"
+    final = evaluate(run_dir, split, device=str(runtime.device))
+    artifact = run_dir / "checkpoints" / "model.safetensors"
+    state_dict, metadata = load_artifact(artifact)
+    metadata["metrics"].update({f"{split}_{key}": value for key, value in final.items()})
+    save_artifact(artifact, state_dict, metadata)
+    log.info(f"best {monitor} {best:.4f} at epoch {best_epoch}; {split} acc1 {final['acc1']:.4f}")
+    log.info(f"results: {run_dir}  (metrics.csv, predictions_{split}.csv, confusion_{split}.png, checkpoints/)")
+    return {
+        "best_epoch": best_epoch, "best": {monitor: best}, f"{split}_metrics": final,
+        "train_minutes": (time.perf_counter() - started) / 60,
+    }
