@@ -59,8 +59,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ImgclsError(f"checkpoint not found: {path}")
     try:
-        # our checkpoints hold RNG states (NumPy arrays, tuples): not loadable with weights_only=True
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint cannot run code when loaded (RNG states are stored as tensors)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ImgclsError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from error
 

@@ -109,7 +109,7 @@ class TrainConfig:
     """Metric that picks the best checkpoint and drives early stopping and the plateau schedule."""
     patience: Optional[int] = None
     """Stop after this many epochs without improvement of `train.monitor`; None: never stop early."""
-    log_every: int = 50
+    log_every: int = 200
     """Batches between progress lines when the output is not a terminal."""
 
 
@@ -142,16 +142,23 @@ def _section_type(node: type, name: str) -> type:
 
 
 def _closest(key: str) -> str:
+    """A hint for an unknown key: the closest valid key, else the keys of its section, else the sections."""
     keys = valid_keys()
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    if not match:  # a typo in the last part only: "train.epoch" -> "train.epochs"
-        leaf = key.rsplit(".", 1)[-1]
-        match = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(keys)}"
+    if match:
+        return f"; did you mean '{match[0]}'?"
+    section = key.split(".", 1)[0]
+    in_section = [k for k in keys if k.startswith(section + ".")]
+    if in_section:
+        return f"; valid keys in '{section}': {', '.join(in_section)}"
+    sections = sorted({k.split(".", 1)[0] for k in keys}, key=[k.split(".", 1)[0] for k in keys].index)
+    return f"; valid top-level keys: {', '.join(sections)}"
 
 
-def _explain(error: OmegaConfBaseException, source: str) -> ImgclsError:
-    key = getattr(error, "full_key", None) or "?"
+def _explain(error: OmegaConfBaseException, source: str, key: str = "?") -> ImgclsError:
+    full_key = getattr(error, "full_key", None)
+    # OmegaConf names the first unknown part ("trian"); the whole override key ("trian.epochs") matches better
+    key = key if full_key and key.startswith(full_key) else (full_key or key)
     if isinstance(error, ConfigKeyError):
         return ImgclsError(f"unknown config key '{key}' in {source}{_closest(key)}")
     if isinstance(error, ValidationError):
@@ -160,11 +167,11 @@ def _explain(error: OmegaConfBaseException, source: str) -> ImgclsError:
     return ImgclsError(f"config error at '{key}' in {source}: {str(error).splitlines()[0]}")
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, source: str, key: str = "?") -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as error:
-        raise _explain(error, source) from error
+        raise _explain(error, source, key) from error
 
 
 def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -190,7 +197,7 @@ def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str
             dotlist = OmegaConf.from_dotlist([override])
         except OmegaConfBaseException as error:
             raise ImgclsError(f"cannot parse override '{override}': {str(error).splitlines()[0]}") from error
-        merged = _merge(merged, dotlist, f"override '{override}'")
+        merged = _merge(merged, dotlist, f"override '{override}'", override.split("=", 1)[0])
     config: Config = OmegaConf.to_object(merged)
     _check_ranges(config)
     return config

@@ -24,7 +24,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit PNG/TIFF greyscale opens as I;16 or I (32-bit int): map the full 16-bit range to 0..255
         values = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if values.max(initial=0) > 255 else 255.0
+        # I;16 is 16-bit by definition (a dark image stays dark); 32-bit I may hold 8-bit values
+        sixteen_bit = image.mode.startswith("I;16") or values.max(initial=0) > 255
+        scale = 65535.0 if sixteen_bit else 255.0
         image = Image.fromarray(np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -82,7 +84,7 @@ def fit_to_square(image: Image.Image, size: int, policy: ResizePolicy = "crop") 
         resized.paste(inner, ((size - new[0]) // 2, (size - new[1]) // 2))
     else:
         raise ValueError(f"unknown resize policy {policy!r}; use crop, pad or squish")
-    return np.asarray(resized, dtype=np.uint8)
+    return np.array(resized, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def load_square(path: str | Path, size: int, policy: ResizePolicy = "crop") -> np.ndarray:

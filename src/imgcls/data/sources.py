@@ -4,6 +4,7 @@ or a packaged dataset, all turned into the same `DataSource` (class names + samp
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,12 +185,16 @@ def check_classes(source: DataSource) -> None:
 
 
 def write_splits_csv(source: DataSource, path: Path) -> None:
-    """The exact split used by a run, so that resume and later evaluation see the same images."""
+    """The exact split used by a run, so that resume and later evaluation see the same images.
+
+    Paths are written absolute: `read_splits_csv` resolves relative ones against the CSV's folder
+    (the run folder), not against the working directory they were relative to.
+    """
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "split"])
         for split, samples in source.splits.items():
-            writer.writerows((image, label, split) for image, label in samples)
+            writer.writerows((os.path.abspath(image), label, split) for image, label in samples)
 
 
 def read_splits_csv(path: Path, name: str) -> DataSource:
