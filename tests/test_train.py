@@ -1,0 +1,150 @@
+"""The training loop: exact resume after a real interruption, schedules, early stopping, the
+choices made from the data, and a real-data accuracy check on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import imgcls
+from imgcls.config import load_config
+from imgcls.train import cosine_with_warmup, is_improvement
+
+FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
+TIMING_COLUMNS = {"epoch_seconds", "train_images_per_s", "data_wait"}
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "imgcls", *args]
+
+
+def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(shapes_folder, tmp_path):
+    runs = tmp_path / "runs"
+    common = [str(shapes_folder), "train.epochs=5", "train.deterministic=true", f"run.dir={runs}", *FAST]
+    subprocess.run(cli("train", *common, "run.name=straight"), check=True, capture_output=True)
+
+    # the same run, stopped by Ctrl-C (SIGINT) once two epochs are on disk, then resumed
+    process = subprocess.Popen(cli("train", *common, "run.name=stopped"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = runs / "stopped" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:  # header + 2 epochs
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.005)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    assert json.loads((runs / "stopped" / "summary.json").read_text())["status"] == "interrupted"
+    assert "--resume" in stderr.decode()
+    assert len(metrics_rows(runs / "stopped")) < 5
+
+    subprocess.run(cli("train", "--resume", str(runs / "stopped")), check=True, capture_output=True)
+
+    straight, resumed = metrics_rows(runs / "straight"), metrics_rows(runs / "stopped")
+    assert len(resumed) == 5
+    for a, b in zip(straight, resumed):
+        assert {k: v for k, v in a.items() if k not in TIMING_COLUMNS} == {k: v for k, v in b.items() if k not in TIMING_COLUMNS}
+    from safetensors.torch import load_file
+
+    weights_a = load_file(runs / "straight" / "checkpoints" / "model.safetensors")
+    weights_b = load_file(runs / "stopped" / "checkpoints" / "model.safetensors")
+    assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+    summary = json.loads((runs / "stopped" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["test_metrics"] == json.loads((runs / "straight" / "summary.json").read_text())["test_metrics"]
+
+
+def test_resume_refuses_to_change_the_experiment(shapes_folder, tmp_path):
+    run = imgcls.train(load_config(overrides=[f"data.path={shapes_folder}", "train.epochs=1", f"run.dir={tmp_path}", *FAST]))
+    with pytest.raises(imgcls.ImgclsError, match="cannot change 'optim.lr'"):
+        imgcls.train(resume=run, overrides=["optim.lr=0.5"])
+    # more epochs is allowed: the run continues from epoch 2
+    imgcls.train(resume=run, overrides=["train.epochs=2"])
+    assert [row["epoch"] for row in metrics_rows(run)] == ["1", "2"]
+
+
+def test_early_stopping_stops_when_the_monitored_metric_stalls(shapes_folder, tmp_path):
+    # a learning rate too small to change anything: val accuracy never improves after epoch 1
+    run = imgcls.train(load_config(overrides=[
+        f"data.path={shapes_folder}", "train.epochs=10", "train.patience=2", "optim.lr=1e-12",
+        "optim.scheduler=none", f"run.dir={tmp_path}", *FAST,
+    ]))
+    assert len(metrics_rows(run)) == 3
+    assert "early stop" in (run / "log.txt").read_text()
+
+
+def test_step_schedule_sgd_clipping_and_label_smoothing_run(shapes_folder, tmp_path):
+    run = imgcls.train(load_config(overrides=[
+        f"data.path={shapes_folder}", "train.epochs=3", "optim.name=sgd", "optim.lr=0.05", "optim.scheduler=step",
+        "optim.step_epochs=1", "optim.gamma=0.5", "train.grad_clip=1.0", "loss.label_smoothing=0.1",
+        "train.monitor=val_loss", f"run.dir={tmp_path}", *FAST,
+    ]))
+    learning_rates = [float(row["lr"]) for row in metrics_rows(run)]
+    assert learning_rates == pytest.approx([0.05, 0.025, 0.0125])
+
+
+def test_plateau_schedule_lowers_the_rate_when_stalled(shapes_folder, tmp_path):
+    run = imgcls.train(load_config(overrides=[
+        # 1e-6: small enough to stall, large enough that a 10x cut passes the scheduler's eps (1e-8)
+        f"data.path={shapes_folder}", "train.epochs=4", "optim.lr=1e-6", "optim.scheduler=plateau",
+        "optim.plateau_patience=0", "optim.gamma=0.1", f"run.dir={tmp_path}", *FAST,
+    ]))
+    learning_rates = [float(row["lr"]) for row in metrics_rows(run)]
+    assert learning_rates[-1] < learning_rates[0]
+
+
+def test_cosine_with_warmup_shape():
+    assert cosine_with_warmup(0, 10, 100) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, 10, 100) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, 10, 100) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, 10, 100) == pytest.approx(0.0)
+    assert cosine_with_warmup(0, 0, 100) == pytest.approx(1.0)
+
+
+def test_is_improvement_direction():
+    assert is_improvement(0.5, None, "val_acc1")
+    assert is_improvement(0.6, 0.5, "val_acc1") and not is_improvement(0.5, 0.5, "val_acc1")
+    assert is_improvement(0.4, 0.5, "val_loss") and not is_improvement(0.6, 0.5, "val_loss")
+
+
+def test_auto_model_and_size_follow_the_images(shapes_folder, tmp_path):
+    from imgcls.data import assign_splits, resolve_source
+    from imgcls.train import _resolve_auto
+    from tests.conftest import write_class_folders
+
+    source = assign_splits(resolve_source(str(shapes_folder)), 0.1, 0.1, 0)
+    config = _resolve_auto(load_config(), source)  # median shorter side 56 px -> the small CNN at 56 px
+    assert (config.model.name, config.data.image_size) == ("small_resnet", 56)
+    photos = write_class_folders(tmp_path / "photos", per_class=4, seed=0)
+    for path in photos.rglob("*.*"):  # photo-sized images -> resnet18 at its own 224 px
+        from PIL import Image
+
+        Image.open(path).convert("RGB").resize((160, 120)).save(path)
+    config = _resolve_auto(load_config(), assign_splits(resolve_source(str(photos)), 0.25, 0.0, 0))
+    assert (config.model.name, config.data.image_size) == ("resnet18", 224)
+    digits = assign_splits(resolve_source("digits"), 0.1, 0.1, 0)
+    config = _resolve_auto(load_config(), digits)  # 8 px digits -> the small CNN at 16 px
+    assert (config.model.name, config.data.image_size) == ("small_resnet", 16)
+
+
+def test_digits_real_data_reaches_90_percent(tmp_path):
+    """Real data: scikit-learn's handwritten digits, the default recipe, 15 epochs (~30 s)."""
+    run = imgcls.train(load_config(overrides=["data.path=digits", "train.epochs=15", f"run.dir={tmp_path}"]))
+    metrics = imgcls.evaluate(run, split="test", quiet=True)
+    assert metrics["n"] == 359
+    assert metrics["acc1"] >= 0.90, metrics
