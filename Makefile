@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_ARGS ?= train.epochs=6
+DEMO_ARGS ?= train.epochs=5 data.augment=none
 
 .PHONY: install demo test test-fast clean fashion-mnist-data
 

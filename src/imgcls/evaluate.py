@@ -110,6 +110,9 @@ def save_confusion_png(matrix: np.ndarray, class_names: list[str], path: Path, n
 
 
 def _print_report(report: list[dict[str, Any]], metrics: dict[str, float], title: str) -> None:
+    """The per-class table and the summary line, on the console and in the run's log.txt."""
+    import io
+
     from rich.console import Console
     from rich.table import Table
 
@@ -118,9 +121,9 @@ def _print_report(report: list[dict[str, Any]], metrics: dict[str, float], title
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in report:
         table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
-    console = Console(stderr=True)
-    console.print(table)
-    log.debug(f"per-class report: {report}")
+    text = io.StringIO()
+    Console(file=text, width=100).print(table)  # plain text: the same in a terminal and in log.txt
+    log.info(text.getvalue().rstrip())
     log.info(
         f"{title}: acc1 {metrics['acc1']:.4f}  acc5 {metrics['acc5']:.4f}  balanced_acc {metrics['balanced_acc']:.4f}  "
         f"macro_f1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  n {metrics['n']}"
@@ -167,7 +170,7 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
     Raises:
         ImgclsError: no such split, or class names the model does not know.
     """
-    from imgcls.data import assign_splits, build_datasets, make_loader, read_splits_csv, resolve_source
+    from imgcls.data import build_datasets, default_workers, make_loader, read_splits_csv, resolve_source
     from imgcls.data.sources import DataSource
     from imgcls.predict import find_artifact, load
 
@@ -199,8 +202,6 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
     prepared = build_datasets({split: samples}, classifier.class_names, classifier.image_size, classifier.resize,
                               cache="off" if len(samples) > 50_000 else "on")
     dataset = prepared.datasets[split]
-    from imgcls.data import default_workers
-
     loader = make_loader(dataset, batch_size, workers=0 if prepared.cached else default_workers(False), shuffle=False)
     logits, labels = predict_loader(classifier.model, loader, classifier.runtime)
     metrics = compute_metrics(logits, labels)
