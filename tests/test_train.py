@@ -73,6 +73,9 @@ def test_resume_refuses_to_change_the_experiment(shapes_folder, tmp_path):
     run = imgcls.train(load_config(overrides=[f"data.path={shapes_folder}", "train.epochs=1", f"run.dir={tmp_path}", *FAST]))
     with pytest.raises(imgcls.ImgclsError, match="cannot change 'optim.lr'"):
         imgcls.train(resume=run, overrides=["optim.lr=0.5"])
+    with pytest.raises(imgcls.ImgclsError, match="already trained all 1 epochs"):
+        imgcls.train(resume=run)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"  # a refused resume changes nothing
     # more epochs is allowed: the run continues from epoch 2
     imgcls.train(resume=run, overrides=["train.epochs=2"])
     assert [row["epoch"] for row in metrics_rows(run)] == ["1", "2"]

@@ -220,6 +220,9 @@ def _resume_run(run: str | Path, overrides: list[str]) -> tuple[Config, Path, Da
         raise ImgclsError(f"cannot change '{changed[0]}' when resuming (only {', '.join(RESUMABLE_OVERRIDES)}); "
                           f"start a new run with -c {run_dir}/config.yaml instead")
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    if checkpoint["epoch"] >= config.train.epochs:
+        raise ImgclsError(f"{run_dir} has already trained all {config.train.epochs} epochs; "
+                          f"add train.epochs=N (more than {config.train.epochs}) to continue it")
     if config.train.epochs != saved.train.epochs:
         log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
     setup_logging(run_dir)
@@ -376,6 +379,6 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     log.info(f"best {monitor} {best:.4f} at epoch {best_epoch}; {split} acc1 {final['acc1']:.4f}")
     log.info(f"results: {run_dir}  (metrics.csv, predictions_{split}.csv, confusion_{split}.png, checkpoints/)")
     return {
-        "best_epoch": best_epoch, "best": {monitor: best}, f"{split}_metrics": final,
+        "best_epoch": best_epoch, "best": {monitor: best}, "last_epoch": row, f"{split}_metrics": final,
         "train_minutes": (time.perf_counter() - started) / 60,
     }

@@ -75,7 +75,10 @@ def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[s
     datasets, start = {}, 0
     for split, samples in splits.items():
         keep = [i for i, (path, _) in enumerate(samples) if path not in bad]
-        split_images = images[[start + i for i in keep]] if images is not None else None
+        split_images = None
+        if images is not None:  # a view when nothing was left out, a copy otherwise
+            whole = len(keep) == len(samples)
+            split_images = images[start: start + len(samples)] if whole else images[[start + i for i in keep]]
         start += len(samples)
         if not keep:
             raise ImgclsError(f"the {split} split has no readable images")
