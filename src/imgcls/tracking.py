@@ -47,8 +47,8 @@ def create_run_dir(root: str | Path, name: str | None, default_name: str, force:
         path = root / name
         if path.exists():
             if not force:
-                raise ImgclsError(f"run folder {path} already exists; choose another run.name, resume it with "
-                                  f"--resume {path}, or pass --force to replace it")
+                raise ImgclsError(f"run folder {path} already exists; choose another run.name (e.g. run.name={name}-2), "
+                                  f"resume it with --resume {path}, or pass --force to replace it")
             shutil.rmtree(path)
         path.mkdir(parents=True)
         return path

@@ -201,9 +201,10 @@ def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.seed)
     config = _resolve_auto(config, source)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
+    # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
+    save_config(config, run_dir / "config.yaml")
     config = replace(config, run=replace(config.run, name=run_dir.name))
     setup_logging(run_dir)
-    save_config(config, run_dir / "config.yaml")
     write_splits_csv(source, run_dir / "splits.csv")
     (run_dir / "checkpoints").mkdir()
     return config, run_dir, source
@@ -227,6 +228,7 @@ def _resume_run(run: str | Path, overrides: list[str]) -> tuple[Config, Path, Da
         log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
     setup_logging(run_dir)
     source = read_splits_csv(run_dir / "splits.csv", config.data.path)
+    config = replace(config, run=replace(config.run, name=run_dir.name))
     return config, run_dir, source, checkpoint
 
 
