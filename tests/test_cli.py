@@ -135,9 +135,11 @@ def test_existing_run_name_needs_force(shapes_folder, run_root, capsys):
     ("train.epoch=3", "did you mean 'train.epochs'"),
     ("optim.name=adam", "expected one of ['adamw', 'sgd']"),
     ("train.batch_size=big", "train.batch_size"),
+    ("device=cuda:99", "device='cuda:99'"),
+    ("train.precision=fp16 device=cpu", "fp16 is for GPUs"),
 ])
 def test_bad_config_is_one_line_without_traceback(shapes_folder, run_root, capsys, override, expected):
-    assert main(["train", str(shapes_folder), f"run.dir={run_root}", override]) == 2
+    assert main(["train", str(shapes_folder), f"run.dir={run_root}", *override.split()]) == 2
     error = capsys.readouterr().err
     assert expected in error and "Traceback" not in error and error.count("\n") == 1
     assert not run_root.exists() or not any(run_root.iterdir())  # nothing half-created

@@ -27,8 +27,9 @@ def choose_device(requested: str = "auto") -> torch.device:
         device = torch.device(requested)
     except RuntimeError as error:
         raise ImgclsError(f"device='{requested}' is not a device; use auto, cpu, cuda, cuda:N or mps") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ImgclsError(f"device='{requested}' but no CUDA GPU is visible; use device=cpu or device=auto")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ImgclsError(f"device='{requested}' but {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                          "use device=cpu or device=auto")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ImgclsError(f"device='{requested}' but MPS is not available; use device=cpu or device=auto")
     return device

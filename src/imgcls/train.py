@@ -252,12 +252,13 @@ def train(config: Config | None = None, *, resume: str | Path | None = None, ove
     checkpoint = None
     if resume is not None:
         config, run_dir, source, checkpoint = _resume_run(resume, list(overrides))
+        runtime = Runtime.create(config.device, config.train.precision)
     else:
         if config is None:
             raise ImgclsError("train() needs a config or resume=RUN")
+        runtime = Runtime.create(config.device, config.train.precision)  # a bad device fails before any folder exists
         config, run_dir, source = _start_run(config, force)
     seed_everything(config.seed, config.train.deterministic)
-    runtime = Runtime.create(config.device, config.train.precision)
     env = environment(device=str(runtime.device), precision=runtime.precision, seed=config.seed)
     (run_dir / "env.json").write_text(json.dumps(env, indent=2))
     update_summary(run_dir, status="running", run=str(run_dir), started=env["created"], error=None)
