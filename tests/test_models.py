@@ -1,4 +1,4 @@
-"""Model registry: small_resnet and timm models take uint8 images and give one logit per class;
+"""Model registry: small_resnet and timm models take uint8 (or 0..1 float) images, one logit per class;
 weights files start a model with a new head; wrong names and wrong weights are clear errors."""
 
 import pytest
@@ -33,12 +33,12 @@ def test_small_resnet_on_uint8_images(size):
     assert torch.isfinite(logits).all()
 
 
-def test_uint8_and_float_pixels_give_the_same_logits():
-    # the artifact takes raw 0..255 pixels of either type: normalisation is inside the model
+def test_uint8_and_unit_float_pixels_give_the_same_logits():
+    # torchvision's convention: uint8 in 0..255 or float in 0..1; normalisation is inside the model
     model = build("small_resnet", 3)
     images = uint8_images(2, 16)
     with torch.no_grad():
-        assert torch.allclose(model(images), model(images.float()))
+        assert torch.allclose(model(images), model(images.float() / 255), atol=1e-5)
 
 
 def test_normalisation_uses_mean_and_std():
@@ -46,7 +46,7 @@ def test_normalisation_uses_mean_and_std():
     model = create_model("small_resnet", 3, mean=(0.2, 0.4, 0.6), std=(0.1, 0.2, 0.3)).eval()
     seen = []
     model.backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
-    pixels = torch.tensor([51.0, 102.0, 153.0]).view(1, 3, 1, 1).expand(1, 3, 8, 8)  # 0.2, 0.4, 0.6 of 255
+    pixels = torch.tensor([51, 102, 153], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 8, 8)  # 0.2, 0.4, 0.6
     with torch.no_grad():
         model(pixels)
     assert torch.allclose(seen[0], torch.zeros_like(seen[0]), atol=1e-5)

@@ -1,7 +1,7 @@
 """Model registry: every timm architecture plus `small_resnet`, a residual CNN for small images.
 
-Every model is wrapped in `ImageClassifier`, which takes uint8 (or 0..255 float) NCHW images and
-normalises them itself: the artifact then carries its own preprocessing, and the exported graph
+Every model is wrapped in `ImageClassifier`, which takes uint8 (0..255) or float (0..1) NCHW images
+and normalises them itself: the artifact then carries its own preprocessing, and the exported graph
 takes raw pixels.
 """
 
@@ -69,17 +69,19 @@ class SmallResNet(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """Normalisation + backbone. Input: NCHW images with values 0..255 (uint8 or float)."""
+    """Normalisation + backbone. Input: RGB NCHW images, uint8 (0..255) or float (0..1), the
+    convention of torchvision's transforms."""
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.backbone = backbone
-        # stored scaled to 0..255 so the forward pass needs no division by 255
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone((images.float() - self.mean) / self.std)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return self.backbone((images - self.mean) / self.std)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -19,7 +19,7 @@ from torch import nn
 from imgcls.checkpoint import load_artifact, load_checkpoint, save_artifact, save_checkpoint
 from imgcls.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from imgcls.data import (
-    DataSource, assign_splits, build_datasets, default_workers, make_loader, median_side, read_splits_csv,
+    DataSource, assign_splits, build_augment, build_datasets, default_workers, make_loader, median_side, read_splits_csv,
     resolve_source, write_splits_csv,
 )
 from imgcls.errors import ImgclsError
@@ -94,10 +94,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_function: Callable,
-                    runtime: Runtime, scaler: torch.amp.GradScaler, step_scheduler=None,
-                    grad_clip: float | None = None, description: str = "train", log_every: int = 50) -> dict[str, float]:
-    """One pass over `loader`. Returns train_loss, train_acc1, images, seconds and data_wait (the share
-    of the time spent waiting for the next batch: high means the loader, not the model, is the limit)."""
+                    runtime: Runtime, scaler: torch.amp.GradScaler, augment: nn.Module | None = None,
+                    step_scheduler=None, grad_clip: float | None = None, description: str = "train",
+                    log_every: int = 50) -> dict[str, float]:
+    """One pass over `loader` (uint8 batches; `augment` runs on each batch on the device). Returns
+    train_loss, train_acc1, images, seconds and data_wait (the share of the time spent waiting for the
+    next batch: high means the loader, not the model, is the limit)."""
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: no CPU-GPU sync per step
     correct = torch.zeros((), device=runtime.device)
@@ -108,6 +110,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         for step, (images, labels) in enumerate(loader):
             waited += time.perf_counter() - ready
             images, labels = runtime.to_device(images), labels.to(runtime.device, non_blocking=True)
+            if augment is not None:
+                images = runtime.layout(augment(images))
             with runtime.autocast():
                 logits = model(images)
                 loss = loss_function(logits, labels)
@@ -282,12 +286,13 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     log.info(f"data: {source.name}, {len(class_names)} classes")
     _log_data_summary(source, class_names)
     prepared = build_datasets(source.splits, class_names, config.data.image_size, config.data.resize,
-                              config.data.augment, config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
+                              config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
+    augment = build_augment(config.data.augment, config.data.image_size)
     if prepared.bad_images:
         (run_dir / "bad_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in prepared.bad_images.items()))
     workers = config.data.workers if config.data.workers is not None else default_workers(prepared.cached)
     pin = runtime.device.type == "cuda"
-    generator = torch.Generator()  # reseeded every epoch: order and augmentation depend only on (seed, epoch)
+    generator = torch.Generator()  # reseeded every epoch: the order depends only on (seed, epoch)
     train_loader = make_loader(prepared.datasets["train"], config.train.batch_size, workers, True, generator, pin)
     val_loader = make_loader(prepared.datasets["val"], config.train.batch_size * 2, 0 if prepared.cached else workers,
                              False, pin_memory=pin)
@@ -327,7 +332,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     for epoch in range(start_epoch, config.train.epochs + 1):
         generator.manual_seed(config.seed + epoch)
         stats = train_one_epoch(
-            model, train_loader, optimizer, loss_function, runtime, scaler,
+            model, train_loader, optimizer, loss_function, runtime, scaler, augment=augment,
             step_scheduler=scheduler if schedule_every == "step" else None, grad_clip=config.train.grad_clip,
             description=f"epoch {epoch}/{config.train.epochs}", log_every=config.train.log_every,
         )

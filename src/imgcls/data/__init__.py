@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from statistics import median
 
 from imgcls.data.images import image_size_of, load_image, load_square
-from imgcls.data.loaders import ImageDataset, decode_all, default_workers, find_bad_images, make_loader, train_transform
+from imgcls.data.augment import build_augment
+from imgcls.data.loaders import ImageDataset, decode_all, default_workers, find_bad_images, make_loader
 from imgcls.data.packaged import PACKAGED, cache_dir, materialise
 from imgcls.data.sources import DataSource, assign_splits, read_splits_csv, resolve_source, write_splits_csv
 from imgcls.errors import ImgclsError
 
 __all__ = [
-    "DataSource", "ImageDataset", "PACKAGED", "PreparedSplits", "assign_splits", "build_datasets", "cache_dir",
+    "DataSource", "ImageDataset", "build_augment", "PACKAGED", "PreparedSplits", "assign_splits", "build_datasets", "cache_dir",
     "load_image", "load_square", "make_loader", "materialise", "median_side", "read_splits_csv", "resolve_source",
     "write_splits_csv", "default_workers",
 ]
@@ -53,9 +54,8 @@ def _report_bad(bad: dict[str, str], on_bad_image: str) -> None:
 
 
 def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[str], size: int, policy: str,
-                   augment: str = "none", cache: str = "auto", cache_max_gib: float = 4.0,
-                   on_bad_image: str = "skip") -> PreparedSplits:
-    """Datasets for each split, labels indexed by `class_names`; only "train" is augmented.
+                   cache: str = "auto", cache_max_gib: float = 4.0, on_bad_image: str = "skip") -> PreparedSplits:
+    """Datasets for each split, labels indexed by `class_names`.
 
     Every file is decoded once up front when the decoded images fit `cache_max_gib` (cache=auto) or
     when cache=on; otherwise every file is checked up front and decoded on each use.
@@ -87,7 +87,6 @@ def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[s
             labels=[index[samples[i][1]] for i in keep],
             size=size,
             policy=policy,
-            transform=train_transform(augment, size) if split == "train" else None,
             images=split_images,
         )
     return PreparedSplits(datasets=datasets, bad_images=bad, cached=use_cache)
