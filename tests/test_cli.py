@@ -129,6 +129,9 @@ def test_existing_run_name_needs_force(shapes_folder, run_root, capsys):
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
+    # the README's way to continue a finished run for longer
+    assert main(["train", "--resume", str(run_root / "mine"), "train.epochs=2"]) == 0
+    assert len(read_csv(run_root / "mine" / "metrics.csv")) == 2
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -18,17 +18,17 @@ def _train(args: argparse.Namespace) -> int:
     from imgcls.config import load_config
     from imgcls.train import train
 
+    overrides, data = list(args.overrides), args.data
+    if data and "=" in data:  # `imgcls train -c x.yaml key=value`: the first override landed in DATA
+        overrides.insert(0, data)
+        data = None
     if args.resume:
-        if args.data:
+        if data:
             raise ImgclsError("give either DATA or --resume RUN, not both")
-        train(resume=args.resume, overrides=args.overrides)
+        train(resume=args.resume, overrides=overrides)
         return 0
-    overrides = list(args.overrides)
-    if args.data:
-        if "=" in args.data:  # `imgcls train -c x.yaml key=value`: the first override landed in DATA
-            overrides.insert(0, args.data)
-        else:
-            overrides.insert(0, f"data.path={args.data}")
+    if data:
+        overrides.insert(0, f"data.path={data}")
     config = load_config(args.config, overrides)
     if not config.data.path:
         raise ImgclsError("no data: give DATA (a folder, a CSV, or fashion-mnist/digits) or data.path in the config")

@@ -69,10 +69,11 @@ class _PlainFormatter(logging.Formatter):
         return prefix + record.getMessage()
 
 
-def setup_logging(run_dir: Path | None = None, verbose: bool = False) -> None:
-    """Messages go to stderr (stdout stays clean for --json and CSV) and, with a run folder, to log.txt."""
+def setup_logging(run_dir: Path | None = None, verbose: bool = False, quiet: bool = False) -> None:
+    """Messages go to stderr (stdout stays clean for --json and CSV) and, with a run folder, to log.txt.
+    quiet: warnings and errors only (the ranks other than 0 of a torchrun job)."""
     logger = logging.getLogger("imgcls")
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     for handler in list(logger.handlers):
         if isinstance(handler, logging.FileHandler) or run_dir is None:
@@ -97,7 +98,8 @@ class StepProgress:
         self.count, self.started = 0, time.perf_counter()
         self._last_line = self.started
         self._bar = None
-        if on_terminal():
+        self.silent = not log.isEnabledFor(logging.INFO)  # e.g. ranks other than 0 under torchrun
+        if on_terminal() and not self.silent:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(
@@ -111,7 +113,7 @@ class StepProgress:
         self.count += steps
         if self._bar is not None:
             self._bar.update(self._task, advance=steps, status=status)
-        elif self.count % self.every < steps and self.count < self.total:
+        elif not self.silent and self.count % self.every < steps and self.count < self.total:
             now = time.perf_counter()
             if now - self._last_line >= self.min_seconds:
                 self._last_line = now

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from imgcls.checkpoint import load_artifact, load_checkpoint, save_artifact, save_checkpoint
 from imgcls.config import Config, config_from_dict, config_to_dict, load_config, save_config
@@ -25,7 +26,7 @@ from imgcls.data import (
 from imgcls.errors import ImgclsError
 from imgcls.evaluate import compute_metrics, evaluate, predict_loader
 from imgcls.models import create_model, default_preprocessing
-from imgcls.runtime import Runtime, rng_state, seed_everything, set_rng_state, set_threads
+from imgcls.runtime import Distributed, Runtime, rng_state, seed_everything, set_rng_state, set_threads
 from imgcls.tracking import (
     StepProgress, append_metrics, create_run_dir, environment, setup_logging, truncate_metrics, update_summary,
 )
@@ -134,11 +135,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 bar.update(1)
             ready = time.perf_counter()
     seconds = time.perf_counter() - started
+    # totals over every process of a torchrun job (a no-op otherwise)
+    loss_sum, correct, images_seen = runtime.distributed.sum(
+        torch.stack([loss_sum.double(), correct.double(), torch.tensor(images_seen, dtype=torch.float64, device=runtime.device)])
+    ).tolist()
     if images_seen == 0:
         raise ImgclsError("the training split produced no batches; lower train.batch_size or add images")
     return {
-        "train_loss": loss_sum.item() / images_seen,
-        "train_acc1": correct.item() / images_seen,
+        "train_loss": loss_sum / images_seen,
+        "train_acc1": correct / images_seen,
         "images": images_seen,
         "seconds": seconds,
         "data_wait": waited / max(seconds, 1e-9),
@@ -208,7 +213,6 @@ def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
     save_config(config, run_dir / "config.yaml")
     config = replace(config, run=replace(config.run, name=run_dir.name))
-    setup_logging(run_dir)
     write_splits_csv(source, run_dir / "splits.csv")
     (run_dir / "checkpoints").mkdir()
     return config, run_dir, source
@@ -230,10 +234,32 @@ def _resume_run(run: str | Path, overrides: list[str]) -> tuple[Config, Path, Da
                           f"add train.epochs=N (more than {config.train.epochs}) to continue it")
     if config.train.epochs != saved.train.epochs:
         log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
-    setup_logging(run_dir)
     source = read_splits_csv(run_dir / "splits.csv", config.data.path)
     config = replace(config, run=replace(config.run, name=run_dir.name))
     return config, run_dir, source, checkpoint
+
+
+def _on_main(distributed: Distributed, function: Callable, *args: Any) -> Any:
+    """Run `function` on rank 0 only and hand its result (or its ImgclsError) to every rank, so that a
+    bad input stops all processes of a torchrun job with the same message instead of a hang."""
+    result, error = None, None
+    if distributed.is_main:
+        try:
+            result = function(*args)
+        except ImgclsError as raised:
+            error = raised
+    result, message = distributed.broadcast((result, str(error) if error else None))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ImgclsError(message)
+    return result
+
+
+def parameters_checksum(model: nn.Module) -> float:
+    """A number that differs when any weight differs: proves that every rank holds the same model."""
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum().item() + p.double().sum().item() for p in model.parameters()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,7 +268,8 @@ def _resume_run(run: str | Path, overrides: list[str]) -> tuple[Config, Path, Da
 
 def train(config: Config | None = None, *, resume: str | Path | None = None, overrides: list[str] = (),
           force: bool = False) -> Path:
-    """Train a classifier and return its run folder.
+    """Train a classifier and return its run folder. Under `torchrun`, every process calls this and
+    they train one model together (DistributedDataParallel); rank 0 writes the run folder.
 
     Args:
         config: the full configuration (see `imgcls.config.Config`); ignored with `resume`.
@@ -252,34 +279,51 @@ def train(config: Config | None = None, *, resume: str | Path | None = None, ove
     Raises:
         ImgclsError: bad data, config or run folder.
     """
-    set_threads()
+    distributed = Distributed.from_environment()
+    set_threads(distributed.local_world_size)
+    try:
+        return _train(config, resume, list(overrides), force, distributed)
+    finally:
+        distributed.shutdown()
+
+
+def _train(config: Config | None, resume: str | Path | None, overrides: list[str], force: bool,
+           distributed: Distributed) -> Path:
     checkpoint = None
     if resume is not None:
-        config, run_dir, source, checkpoint = _resume_run(resume, list(overrides))
-        runtime = Runtime.create(config.device, config.train.precision)
-    else:
-        if config is None:
-            raise ImgclsError("train() needs a config or resume=RUN")
-        runtime = Runtime.create(config.device, config.train.precision)  # a bad device fails before any folder exists
-        config, run_dir, source = _start_run(config, force)
-    seed_everything(config.seed, config.train.deterministic)
-    env = environment(device=str(runtime.device), precision=runtime.precision, seed=config.seed)
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
-    update_summary(run_dir, status="running", run=str(run_dir), started=env["created"], error=None)
+        config, run_dir, source, checkpoint = _resume_run(resume, overrides)  # every rank reads the files
+    elif config is None:
+        raise ImgclsError("train() needs a config or resume=RUN")
+    runtime = Runtime.create(config.device, config.train.precision, distributed)  # fails before any folder exists
+    if resume is None:
+        config, run_dir, source = _on_main(distributed, _start_run, config, force)
+    setup_logging(run_dir if distributed.is_main else None, quiet=not distributed.is_main)
+    # each rank its own seed: different augmentations; DDP copies rank 0's initial weights to all
+    seed_everything(config.seed + distributed.rank, config.train.deterministic)
+    env = environment(device=str(runtime.device), precision=runtime.precision, seed=config.seed,
+                      world_size=distributed.world_size)
+    if distributed.is_main:
+        (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+        update_summary(run_dir, status="running", run=str(run_dir), started=env["created"], error=None)
     try:
         result = _fit(config, run_dir, source, runtime, env, checkpoint)
     except KeyboardInterrupt:
-        update_summary(run_dir, status="interrupted", ended=environment()["created"])
-        log.warning(f"interrupted; continue with: imgcls train --resume {run_dir}")
+        if distributed.is_main:
+            update_summary(run_dir, status="interrupted", ended=environment()["created"])
+            log.warning(f"interrupted; continue with: imgcls train --resume {run_dir}")
         raise
     except BaseException as error:
-        update_summary(run_dir, status="failed", ended=environment()["created"], error=f"{type(error).__name__}: {error}")
+        if distributed.is_main:
+            update_summary(run_dir, status="failed", ended=environment()["created"], error=f"{type(error).__name__}: {error}")
         raise
-    update_summary(run_dir, status="completed", ended=environment()["created"], **result)
+    if distributed.is_main:
+        update_summary(run_dir, status="completed", ended=environment()["created"], **result)
     return run_dir
 
 
 def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None) -> dict:
+    distributed = runtime.distributed
+    is_main = distributed.is_main
     # ---- data: decode (once), check, and build the loaders
     class_names = source.class_names
     log.info(f"run folder: {run_dir}")
@@ -287,13 +331,18 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     _log_data_summary(source, class_names)
     prepared = build_datasets(source.splits, class_names, config.data.image_size, config.data.resize,
                               config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
-    augment = build_augment(config.data.augment, config.data.image_size)
-    if prepared.bad_images:
+    if prepared.bad_images and is_main:
         (run_dir / "bad_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in prepared.bad_images.items()))
+    augment = build_augment(config.data.augment, config.data.image_size)
     workers = config.data.workers if config.data.workers is not None else default_workers(prepared.cached)
     pin = runtime.device.type == "cuda"
     generator = torch.Generator()  # reseeded every epoch: the order depends only on (seed, epoch)
-    train_loader = make_loader(prepared.datasets["train"], config.train.batch_size, workers, True, generator, pin)
+    sampler = None
+    if distributed.enabled:  # each rank a disjoint shard of the same seeded permutation
+        sampler = DistributedSampler(prepared.datasets["train"], distributed.world_size, distributed.rank,
+                                     shuffle=True, seed=config.seed, drop_last=True)
+    train_loader = make_loader(prepared.datasets["train"], config.train.batch_size, workers, True, generator, pin, sampler)
+    # every rank validates on all of val: identical metrics, so early stopping agrees without messages
     val_loader = make_loader(prepared.datasets["val"], config.train.batch_size * 2, 0 if prepared.cached else workers,
                              False, pin_memory=pin)
 
@@ -305,7 +354,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     parameters = sum(p.numel() for p in model.parameters())
     log.info(f"model: {config.model.name}, {parameters / 1e6:.2f}M parameters, {config.data.image_size} px input, "
              f"{runtime.precision} on {runtime.device}, {workers} loader worker(s), "
-             f"{'decoded images cached in memory' if prepared.cached else 'decoding from files'}")
+             f"{'decoded images cached in memory' if prepared.cached else 'decoding from files'}"
+             + (f", {distributed.world_size} processes" if distributed.enabled else ""))
 
     # ---- optimisation
     optimizer = build_optimizer(model, config)
@@ -321,18 +371,27 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
+        rng = checkpoint["rng"]  # one state per rank
+        set_rng_state(rng[distributed.rank] if distributed.rank < len(rng) else rng[0])
         start_epoch = checkpoint["epoch"] + 1
         best, best_epoch, stale_epochs = checkpoint["best"], checkpoint["best_epoch"], checkpoint["stale_epochs"]
-        truncate_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
+        if is_main:
+            truncate_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
         log.info(f"resumed after epoch {checkpoint['epoch']} (best {monitor} {best:.4f} at epoch {best_epoch})")
+    trained = model  # what trains: the model itself, or its DDP wrapper that averages gradients across ranks
+    if distributed.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if pin else None)
 
     # ---- epochs
     started = time.perf_counter()
     for epoch in range(start_epoch, config.train.epochs + 1):
         generator.manual_seed(config.seed + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         stats = train_one_epoch(
-            model, train_loader, optimizer, loss_function, runtime, scaler, augment=augment,
+            trained, train_loader, optimizer, loss_function, runtime, scaler, augment=augment,
             step_scheduler=scheduler if schedule_every == "step" else None, grad_clip=config.train.grad_clip,
             description=f"epoch {epoch}/{config.train.epochs}", log_every=config.train.log_every,
         )
@@ -352,19 +411,21 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             "epoch_seconds": stats["seconds"] + time.perf_counter() - validation_started,
             "train_images_per_s": stats["images"] / stats["seconds"], "data_wait": stats["data_wait"],
         }
-        append_metrics(run_dir / "metrics.csv", row)
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
-            "stale_epochs": stale_epochs, "rng": rng_state(), "config": config_to_dict(config),
-            "class_names": class_names,
-        }
-        save_checkpoint(run_dir / "checkpoints" / "last.ckpt", state)
-        if improved:
-            save_checkpoint(run_dir / "checkpoints" / "best.ckpt", state)
-            metrics = {key: value for key, value in row.items() if key.startswith("val_")}
-            save_artifact(run_dir / "checkpoints" / "model.safetensors", model.state_dict(),
-                          artifact_metadata(config, class_names, metrics, epoch, env))
+        rng = distributed.gather(rng_state())
+        if is_main:
+            append_metrics(run_dir / "metrics.csv", row)
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                "stale_epochs": stale_epochs, "rng": rng, "config": config_to_dict(config),
+                "class_names": class_names,
+            }
+            save_checkpoint(run_dir / "checkpoints" / "last.ckpt", state)
+            if improved:
+                save_checkpoint(run_dir / "checkpoints" / "best.ckpt", state)
+                metrics = {key: value for key, value in row.items() if key.startswith("val_")}
+                save_artifact(run_dir / "checkpoints" / "model.safetensors", model.state_dict(),
+                              artifact_metadata(config, class_names, metrics, epoch, env))
         log.info(
             f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc1 {row['val_acc1']:.4f}  val_acc5 {row['val_acc5']:.4f}  lr {lr:.2e}  "
@@ -378,15 +439,20 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             break
 
     # ---- final evaluation of the best weights on the test split (val when there is none)
-    split = "test" if "test" in source.splits else "val"
-    final = evaluate(run_dir, split, device=str(runtime.device))
-    artifact = run_dir / "checkpoints" / "model.safetensors"
-    state_dict, metadata = load_artifact(artifact)
-    metadata["metrics"].update({f"{split}_{key}": value for key, value in final.items()})
-    save_artifact(artifact, state_dict, metadata)
-    log.info(f"best {monitor} {best:.4f} at epoch {best_epoch}; {split} acc1 {final['acc1']:.4f}")
-    log.info(f"results: {run_dir}  (metrics.csv, predictions_{split}.csv, confusion_{split}.png, checkpoints/)")
-    return {
-        "best_epoch": best_epoch, "best": {monitor: best}, "last_epoch": row, f"{split}_metrics": final,
-        "train_minutes": (time.perf_counter() - started) / 60,
-    }
+    checksums = distributed.gather(parameters_checksum(model))
+    result = {"best_epoch": best_epoch, "best": {monitor: best}, "last_epoch": row,
+              "train_minutes": (time.perf_counter() - started) / 60}
+    if distributed.enabled:
+        result.update(world_size=distributed.world_size, ranks_in_sync=len(set(checksums)) == 1)
+    if is_main:
+        split = "test" if "test" in source.splits else "val"
+        final = evaluate(run_dir, split, device=str(runtime.device))
+        artifact = run_dir / "checkpoints" / "model.safetensors"
+        state_dict, metadata = load_artifact(artifact)
+        metadata["metrics"].update({f"{split}_{key}": value for key, value in final.items()})
+        save_artifact(artifact, state_dict, metadata)
+        log.info(f"best {monitor} {best:.4f} at epoch {best_epoch}; {split} acc1 {final['acc1']:.4f}")
+        log.info(f"results: {run_dir}  (metrics.csv, predictions_{split}.csv, confusion_{split}.png, checkpoints/)")
+        result[f"{split}_metrics"] = final
+    distributed.barrier()
+    return result

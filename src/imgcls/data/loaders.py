@@ -147,14 +147,17 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, shuffle: bool,
-                generator: torch.Generator | None = None, pin_memory: bool = False) -> DataLoader:
+                generator: torch.Generator | None = None, pin_memory: bool = False,
+                sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
     """A DataLoader. For training pass `shuffle=True` and a `generator` that the loop reseeds every epoch
-    (seed + epoch): the order and the augmentation then depend only on the epoch, so resume is exact."""
+    (seed + epoch): the order then depends only on the epoch, so resume is exact. Under torchrun pass a
+    DistributedSampler instead (it shuffles by seed and epoch itself)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        generator=generator if sampler is None else None,
         num_workers=workers,
         collate_fn=_collate,
         worker_init_fn=_worker_init if workers else None,
