@@ -169,3 +169,16 @@ def test_console_script_entry_point():
 
     result = subprocess.run([sys.executable, "-m", "imgcls", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "predict" in result.stdout
+
+
+def test_cache_command_prepares_what_training_then_reuses(shapes_folder, run_root, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["cache", str(shapes_folder), *FAST]) == 0
+    (cache,) = (tmp_path / "cache" / "decoded").iterdir()
+    written = (cache / "images.u8").stat().st_mtime_ns
+    caplog.clear()
+    # another seed (another split) and the same image size: the cache is reused, not rebuilt
+    assert main(["train", str(shapes_folder), "train.epochs=1", f"run.dir={run_root}", *FAST, "seed=5"]) == 0
+    assert [p.name for p in (tmp_path / "cache" / "decoded").iterdir()] == [cache.name]
+    assert (cache / "images.u8").stat().st_mtime_ns == written
+    assert "decoding 120 images" not in caplog.text

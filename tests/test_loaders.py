@@ -11,7 +11,8 @@ from PIL import Image
 
 from imgcls.data import ImageDataset, build_datasets, make_loader
 from imgcls.data.augment import build_augment
-from imgcls.data.loaders import decode_all, find_bad_images
+from imgcls.data.cache import build_cache, cache_key, open_cache
+from imgcls.data.loaders import decode_into, find_bad_images
 from imgcls.errors import ImgclsError
 
 SIZE = 16
@@ -104,11 +105,57 @@ def test_parallel_decoding_matches_serial(tmp_path):
     # more than one chunk of 64 files, so two worker processes really run
     paths = [save_image(tmp_path / f"{i}.png", COLOURS["red"], i) for i in range(130)]
     paths[70] = str(tmp_path / "missing.png")
-    serial, serial_bad = decode_all(paths, 8, "crop", processes=1)
-    parallel, parallel_bad = decode_all(paths, 8, "crop", processes=2)
+    results = []
+    for processes in (1, 2):
+        target = tmp_path / f"decoded-{processes}.u8"
+        np.memmap(target, dtype=np.uint8, mode="w+", shape=(130, 8, 8, 3)).flush()
+        bad = decode_into(target, paths, 8, "crop", processes)
+        results.append((np.array(np.memmap(target, dtype=np.uint8, mode="r", shape=(130, 8, 8, 3))), bad))
+    (serial, serial_bad), (parallel, parallel_bad) = results
     assert np.array_equal(serial, parallel)
     assert serial_bad.keys() == parallel_bad.keys() == {paths[70]}
     assert (parallel[70] == 0).all()  # a bad image is left as zeros
+    assert serial[0].any()
+
+
+# --- the decoded-image cache on disk -------------------------------------------------------------
+
+def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
+    paths = [save_image(tmp_path / f"{i}.png", COLOURS["blue"], i) for i in range(5)]
+    assert open_cache(paths, 8, "crop") is None
+    images, bad = build_cache(paths, 8, "crop", processes=1)
+    assert images.shape == (5, 8, 8, 3) and not bad
+    again, _ = open_cache(paths, 8, "crop")
+    assert np.array_equal(again, images)
+    folder = tmp_path / "cache" / "decoded" / cache_key(paths, 8, "crop")
+    assert (folder / "images.u8").stat().st_size == 5 * 8 * 8 * 3
+    assert not any(p.name.endswith(".staging") for p in folder.parent.iterdir())  # no leftovers
+
+
+def test_a_changed_file_or_size_never_gets_a_stale_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
+    paths = [save_image(tmp_path / f"{i}.png", COLOURS["blue"], i) for i in range(3)]
+    build_cache(paths, 8, "crop", processes=1)
+    assert open_cache(paths, 16, "crop") is None  # another training size
+    assert open_cache(paths, 8, "pad") is None  # another resize policy
+    assert open_cache(paths[:2], 8, "crop") is None  # another file list
+    import os
+
+    stat = os.stat(paths[1])
+    save_image(Path(paths[1]), COLOURS["red"], 1)  # rewritten in place: new contents
+    os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert open_cache(paths, 8, "crop") is None
+
+
+def test_cache_lives_outside_the_dataset_folder(image_folder, tmp_path, tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(cache))
+    splits, _ = image_folder
+    before = sorted(tmp_path.rglob("*"))  # the images are under tmp_path
+    assert build_datasets(splits, CLASSES, SIZE, "crop", cache="on").cached
+    assert sorted(tmp_path.rglob("*")) == before
+    assert list((cache / "decoded").iterdir())
 
 
 # --- items ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from imgcls.config import load_config
 from imgcls.train import cosine_with_warmup, is_improvement
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
-TIMING_COLUMNS = {"epoch_seconds", "train_images_per_s", "data_wait"}
+TIMING_COLUMNS = {"epoch_seconds", "train_images_per_s", "data_wait", "train_gflops_per_s"}
 
 
 def metrics_rows(run: Path) -> list[dict[str, str]]:

@@ -36,6 +36,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from imgcls.config import load_config
+    from imgcls.data import cache_dir
+    from imgcls.train import cache_dataset
+
+    config, count = cache_dataset(load_config(args.config, [f"data.path={args.data}", *args.overrides]))
+    log.info(f"{count} images decoded at {config.data.image_size} px ({config.data.resize}) for "
+             f"model.name={config.model.name}, in {cache_dir() / 'decoded'}; `imgcls train` with the same "
+             "settings starts from it")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from imgcls.evaluate import evaluate
 
@@ -112,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     train.add_argument("--force", action="store_true", help="replace an existing run folder of the same run.name")
     train.set_defaults(handler=_train)
+
+    cache = commands.add_parser("cache", help="decode a dataset once into the decoded-image cache, ahead of training",
+                                description="Decode every image once at the training size (same key=value "
+                                            "settings as train), so that training starts at once.")
+    cache.add_argument("data", help="folder, CSV manifest or packaged dataset")
+    cache.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+    cache.add_argument("-c", "--config", help="YAML config file")
+    cache.set_defaults(handler=_cache)
 
     evaluate = commands.add_parser("eval", help="metrics, per-class report, confusion matrix, predictions CSV")
     evaluate.add_argument("run", help="run folder")

@@ -199,8 +199,9 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
             f"({', '.join(classifier.class_names[:10])}{'...' if len(classifier.class_names) > 10 else ''}); "
             "the evaluation data must use the training class names"
         )
-    prepared = build_datasets({split: samples}, classifier.class_names, classifier.image_size, classifier.resize,
-                              cache="off" if len(samples) > 50_000 else "on")
+    # the run's own data: all its splits, so the decoded-image cache built for training is reused as is
+    splits = source.splits if data is None else {split: samples}
+    prepared = build_datasets(splits, classifier.class_names, classifier.image_size, classifier.resize, cache="auto")
     dataset = prepared.datasets[split]
     loader = make_loader(dataset, batch_size, workers=0 if prepared.cached else default_workers(False), shuffle=False)
     logits, labels = predict_loader(classifier.model, loader, classifier.runtime)

@@ -15,7 +15,10 @@ from torch import nn
 
 from imgcls.errors import ImgclsError
 
-__all__ = ["ImageClassifier", "SmallResNet", "create_model", "list_models", "default_preprocessing", "load_weights"]
+__all__ = [
+    "ImageClassifier", "SmallResNet", "create_model", "list_models", "default_preprocessing", "load_weights",
+    "training_flops_per_image",
+]
 
 LOCAL_MODELS = ("small_resnet",)
 
@@ -161,3 +164,20 @@ def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tupl
     if pretrained:
         load_weights(backbone, pretrained)
     return ImageClassifier(backbone, mean, std)
+
+
+def training_flops_per_image(name: str, num_classes: int, image_size: int) -> float | None:
+    """Floating-point operations of one training step (forward + backward) per image, counted by
+    torch's FlopCounterMode on a copy of the model on the meta device (no memory, no compute).
+    None when the model has an operation the counter cannot trace."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.device("meta"):
+            backbone = _create_backbone(name, num_classes, 0.0)
+            images = torch.empty(1, 3, image_size, image_size)
+        with FlopCounterMode(display=False) as counter:
+            backbone(images).sum().backward()
+        return float(counter.get_total_flops())
+    except Exception:  # a counter failure must never stop training
+        return None

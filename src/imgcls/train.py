@@ -25,13 +25,13 @@ from imgcls.data import (
 )
 from imgcls.errors import ImgclsError
 from imgcls.evaluate import compute_metrics, evaluate, predict_loader
-from imgcls.models import create_model, default_preprocessing
+from imgcls.models import create_model, default_preprocessing, training_flops_per_image
 from imgcls.runtime import Distributed, Runtime, rng_state, seed_everything, set_rng_state, set_threads
 from imgcls.tracking import (
     StepProgress, append_metrics, create_run_dir, environment, setup_logging, truncate_metrics, update_summary,
 )
 
-__all__ = ["train", "train_one_epoch", "cosine_with_warmup"]
+__all__ = ["train", "train_one_epoch", "cosine_with_warmup", "cache_dataset"]
 
 log = logging.getLogger("imgcls")
 
@@ -205,6 +205,21 @@ def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str,
     }
 
 
+def cache_dataset(config: Config) -> tuple[Config, int]:
+    """Build the decoded-image cache for `config.data.path` ahead of training (`imgcls cache DATA`), at
+    the size and resize policy that training with the same config will use.
+
+    Returns:
+        (the config with model and image size resolved, number of readable images).
+    """
+    source = resolve_source(config.data.path)
+    source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.seed)
+    config = _resolve_auto(config, source)
+    prepared = build_datasets(source.splits, source.class_names, config.data.image_size, config.data.resize,
+                              cache="on", on_bad_image=config.data.on_bad_image)
+    return config, sum(len(dataset) for dataset in prepared.datasets.values())
+
+
 def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     source = resolve_source(config.data.path)
     source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.seed)
@@ -329,8 +344,12 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {source.name}, {len(class_names)} classes")
     _log_data_summary(source, class_names)
+    if not is_main:
+        distributed.barrier()  # rank 0 decodes into the cache first; the others then open it
     prepared = build_datasets(source.splits, class_names, config.data.image_size, config.data.resize,
                               config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
+    if is_main:
+        distributed.barrier()
     if prepared.bad_images and is_main:
         (run_dir / "bad_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in prepared.bad_images.items()))
     augment = build_augment(config.data.augment, config.data.image_size)
@@ -352,9 +371,11 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                          config.model.drop_rate, config.model.pretrained)
     model = runtime.prepare_model(model)
     parameters = sum(p.numel() for p in model.parameters())
-    log.info(f"model: {config.model.name}, {parameters / 1e6:.2f}M parameters, {config.data.image_size} px input, "
+    flops_per_image = training_flops_per_image(config.model.name, len(class_names), config.data.image_size)
+    log.info(f"model: {config.model.name}, {parameters / 1e6:.2f}M parameters, "
+             f"{(flops_per_image or 0) / 1e9:.2f} GFLOP per training image, {config.data.image_size} px input, "
              f"{runtime.precision} on {runtime.device}, {workers} loader worker(s), "
-             f"{'decoded images cached in memory' if prepared.cached else 'decoding from files'}"
+             f"{'decoded-image cache' if prepared.cached else 'decoding from files'}"
              + (f", {distributed.world_size} processes" if distributed.enabled else ""))
 
     # ---- optimisation
@@ -383,6 +404,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if pin else None)
+    if config.train.compile:
+        trained = torch.compile(trained)  # evaluation and checkpoints keep using the plain `model`
 
     # ---- epochs
     started = time.perf_counter()
@@ -410,6 +433,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             "epoch": epoch, "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"], **val, "lr": lr,
             "epoch_seconds": stats["seconds"] + time.perf_counter() - validation_started,
             "train_images_per_s": stats["images"] / stats["seconds"], "data_wait": stats["data_wait"],
+            # achieved model arithmetic (all processes together): compare with the device's peak
+            "train_gflops_per_s": (flops_per_image or 0.0) * stats["images"] / stats["seconds"] / 1e9,
         }
         rng = distributed.gather(rng_state())
         if is_main:
@@ -429,7 +454,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         log.info(
             f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc1 {row['val_acc1']:.4f}  val_acc5 {row['val_acc5']:.4f}  lr {lr:.2e}  "
-            f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s" + ("  * best" if improved else "")
+            f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s  {row['train_gflops_per_s']:.0f} GFLOP/s"
+            + ("  * best" if improved else "")
         )
         if stats["data_wait"] > 0.2:
             log.warning(f"{stats['data_wait']:.0%} of the step time was spent waiting for data; "

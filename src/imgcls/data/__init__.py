@@ -9,7 +9,8 @@ from statistics import median
 
 from imgcls.data.images import image_size_of, load_image, load_square
 from imgcls.data.augment import build_augment
-from imgcls.data.loaders import ImageDataset, decode_all, default_workers, find_bad_images, make_loader
+from imgcls.data.cache import build_cache, cache_bytes, open_cache
+from imgcls.data.loaders import ImageDataset, default_workers, find_bad_images, make_loader
 from imgcls.data.packaged import PACKAGED, cache_dir, materialise
 from imgcls.data.sources import DataSource, assign_splits, read_splits_csv, resolve_source, write_splits_csv
 from imgcls.errors import ImgclsError
@@ -54,39 +55,48 @@ def _report_bad(bad: dict[str, str], on_bad_image: str) -> None:
 
 
 def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[str], size: int, policy: str,
-                   cache: str = "auto", cache_max_gib: float = 4.0, on_bad_image: str = "skip") -> PreparedSplits:
+                   cache: str = "auto", cache_max_gib: float = 20.0, on_bad_image: str = "skip") -> PreparedSplits:
     """Datasets for each split, labels indexed by `class_names`.
 
-    Every file is decoded once up front when the decoded images fit `cache_max_gib` (cache=auto) or
-    when cache=on; otherwise every file is checked up front and decoded on each use.
+    With the decoded-image cache (cache=on, or auto when it fits `cache_max_gib` of disk), every file is
+    decoded once (once ever, while the files do not change) and batches are read from a memory map;
+    otherwise every file is checked up front and decoded each time it is used.
     Unreadable files are reported together and left out (or raise, with on_bad_image=fail).
     """
     index = {name: i for i, name in enumerate(class_names)}
-    paths = [path for samples in splits.values() for path, _ in samples]
-    decoded_gib = len(paths) * size * size * 3 / 2**30
-    use_cache = cache == "on" or (cache == "auto" and decoded_gib <= cache_max_gib)
+    # the cache holds the files sorted, whatever the split: another seed or split reuses it
+    paths = sorted({path for samples in splits.values() for path, _ in samples})
+    gib = cache_bytes(len(paths), size) / 2**30
+    use_cache = cache == "on" or (cache == "auto" and gib <= cache_max_gib)
     if cache == "auto" and not use_cache:
-        log.info(f"not caching decoded images: {decoded_gib:.1f} GiB > data.cache_max_gib={cache_max_gib}")
+        log.info(f"decoding from files each epoch: the decoded images would take {gib:.1f} GiB > data.cache_max_gib")
+    images = None
     if use_cache:
-        images, bad = decode_all(paths, size, policy, _processes())
-    else:
-        images, bad = None, find_bad_images(paths, _processes())
+        found = open_cache(paths, size, policy)
+        if found is None:
+            try:
+                found = build_cache(paths, size, policy, _processes())
+            except ImgclsError as error:
+                if cache == "on":
+                    raise
+                log.warning(f"{error}; decoding from files instead")
+        if found is not None:
+            images, bad = found
+    if images is None:
+        bad = find_bad_images(paths, _processes())
     _report_bad(bad, on_bad_image)
-    datasets, start = {}, 0
+    row_of = {path: row for row, path in enumerate(paths)}
+    datasets = {}
     for split, samples in splits.items():
-        keep = [i for i, (path, _) in enumerate(samples) if path not in bad]
-        split_images = None
-        if images is not None:  # a view when nothing was left out, a copy otherwise
-            whole = len(keep) == len(samples)
-            split_images = images[start: start + len(samples)] if whole else images[[start + i for i in keep]]
-        start += len(samples)
+        keep = [(path, label) for path, label in samples if path not in bad]
         if not keep:
             raise ImgclsError(f"the {split} split has no readable images")
         datasets[split] = ImageDataset(
-            paths=[samples[i][0] for i in keep],
-            labels=[index[samples[i][1]] for i in keep],
+            paths=[path for path, _ in keep],
+            labels=[index[label] for _, label in keep],
             size=size,
             policy=policy,
-            images=split_images,
+            images=images,
+            rows=[row_of[path] for path, _ in keep],
         )
-    return PreparedSplits(datasets=datasets, bad_images=bad, cached=use_cache)
+    return PreparedSplits(datasets=datasets, bad_images=bad, cached=images is not None)

@@ -23,20 +23,21 @@ from torch.utils.data import DataLoader, Dataset
 from imgcls.data.images import load_square
 from imgcls.errors import ImgclsError
 
-__all__ = ["ImageDataset", "decode_all", "find_bad_images", "make_loader", "default_workers"]
+__all__ = ["ImageDataset", "decode_into", "find_bad_images", "make_loader", "default_workers"]
 
 log = logging.getLogger("imgcls")
 
 
-def _decode_chunk(args: tuple[list[str], int, str, bool]) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
-    """Decode (or, with keep=False, only check) a chunk of files; runs in a worker process."""
-    paths, size, policy, keep = args
-    images = np.zeros((len(paths) if keep else 0, size, size, 3), dtype=np.uint8)
+def _decode_chunk(args: tuple[list[str], int, str, str | None, int, int]) -> list[tuple[int, str]]:
+    """Decode a chunk of files into rows `start...` of the memory-mapped file `target` (or, without a
+    target, only check that they decode); runs in a worker process. Returns [(index, reason)] of bad ones."""
+    paths, size, policy, target, total, start = args
+    images = np.memmap(target, dtype=np.uint8, mode="r+", shape=(total, size, size, 3)) if target else None
     bad = []
     for index, path in enumerate(paths):
         try:
-            if keep:
-                images[index] = load_square(path, size, policy)
+            if images is not None:
+                images[start + index] = load_square(path, size, policy)
             else:
                 with Image.open(path) as image:
                     # verify() misses truncated JPEG, BMP, TIFF and GIF files: decode instead. draft()
@@ -45,55 +46,61 @@ def _decode_chunk(args: tuple[list[str], int, str, bool]) -> tuple[np.ndarray | 
                     image.load()
         except Exception as error:  # PIL raises many types for broken files
             bad.append((index, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
-    return (images if keep else None), bad
+    if images is not None:
+        images.flush()
+    return bad
 
 
-def _run_chunks(paths: list[str], size: int, policy: str, keep: bool, processes: int, what: str):
-    chunk = max(64, min(2048, len(paths) // (processes * 8) + 1))
-    jobs = [(paths[i: i + chunk], size, policy, keep) for i in range(0, len(paths), chunk)]
+def _run_chunks(paths: list[str], size: int, policy: str, target: str | None, processes: int,
+                what: str) -> dict[str, str]:
+    """Run `_decode_chunk` over all paths in parallel processes, with progress; {bad path: reason}."""
     from imgcls.tracking import progress
 
-    starts = range(0, len(paths), chunk)
+    chunk = max(64, min(2048, len(paths) // (processes * 8) + 1))
+    starts = list(range(0, len(paths), chunk))
+    jobs = [(paths[start: start + chunk], size, policy, target, len(paths), start) for start in starts]
+    bad = {}
     if processes <= 1 or len(jobs) == 1:
-        yield from zip(starts, progress(map(_decode_chunk, jobs), total=len(jobs), description=what))
-        return
+        results = progress(map(_decode_chunk, jobs), total=len(jobs), description=what)
+        for start, chunk_bad in zip(starts, results):
+            bad.update({paths[start + i]: reason for i, reason in chunk_bad})
+        return bad
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        yield from zip(starts, progress(pool.map(_decode_chunk, jobs), total=len(jobs), description=what))
+        results = progress(pool.map(_decode_chunk, jobs), total=len(jobs), description=what)
+        for start, chunk_bad in zip(starts, results):
+            bad.update({paths[start + i]: reason for i, reason in chunk_bad})
+    return bad
 
 
-def decode_all(paths: list[str], size: int, policy: str, processes: int) -> tuple[np.ndarray, dict[str, str]]:
-    """Decode every file to a `size` x `size` uint8 image, in parallel processes.
+def decode_into(target: str | os.PathLike, paths: list[str], size: int, policy: str, processes: int) -> dict[str, str]:
+    """Decode every file to a `size` x `size` uint8 image in row i of the memory-mapped file `target`
+    (N x size x size x 3, already created), in parallel processes. Bad images stay zeros.
 
-    Returns (images N x size x size x 3, {bad path: reason}); bad images are left as zeros.
+    Returns {bad path: reason}.
     """
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    bad = {}
-    for start, (chunk_images, chunk_bad) in _run_chunks(paths, size, policy, True, processes, f"decoding {len(paths)} images"):
-        images[start: start + len(chunk_images)] = chunk_images
-        bad.update({paths[start + i]: reason for i, reason in chunk_bad})
-    return images, bad
+    return _run_chunks(paths, size, policy, str(target), processes, f"decoding {len(paths)} images")
 
 
 def find_bad_images(paths: list[str], processes: int) -> dict[str, str]:
     """Decode every file once, keeping none, to find the unreadable ones when the images are not cached."""
-    bad = {}
-    for start, (_, chunk_bad) in _run_chunks(paths, 0, "crop", False, processes, f"checking {len(paths)} images"):
-        bad.update({paths[start + i]: reason for i, reason in chunk_bad})
-    return bad
+    return _run_chunks(paths, 0, "crop", None, processes, f"checking {len(paths)} images")
 
 
 class ImageDataset(Dataset):
-    """(uint8 CHW image, class index) pairs, from a decoded array or from the files themselves.
+    """(uint8 CHW image, class index) pairs, from the decoded-image cache or from the files themselves.
 
     Augmentation is not done here but on whole batches on the training device (data/augment.py).
     """
 
-    def __init__(self, paths: list[str], labels: list[int], size: int, policy: str, images: np.ndarray | None = None):
+    def __init__(self, paths: list[str], labels: list[int], size: int, policy: str,
+                 images: np.ndarray | None = None, rows: list[int] | None = None):
+        """images: N x size x size x 3 uint8 (a memory map of the cache); rows: the row of `images` that
+        holds each path (default: row i for path i)."""
         self.paths, self.labels = paths, torch.as_tensor(labels, dtype=torch.long)
         self.size, self.policy = size, policy
-        # NHWC uint8 shared with forked workers without copying
-        self.images = torch.from_numpy(images) if images is not None else None
+        self.images = torch.from_numpy(images) if images is not None else None  # shares the memory map
+        self.rows = torch.as_tensor(rows if rows is not None else range(len(paths)), dtype=torch.long)
 
     @property
     def cached(self) -> bool:
@@ -114,7 +121,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.images is not None:
-            return self.images[index].permute(2, 0, 1).contiguous(), self.labels[index]
+            return self.images[self.rows[index]].permute(2, 0, 1).contiguous(), self.labels[index]
         return self._read(index), self.labels[index]
 
     def __getitems__(self, indices: list[int]):
@@ -123,7 +130,7 @@ class ImageDataset(Dataset):
         if self.images is None:
             return [self[index] for index in indices]
         index = torch.as_tensor(indices)
-        return self.images[index].permute(0, 3, 1, 2).contiguous(), self.labels[index]
+        return self.images[self.rows[index]].permute(0, 3, 1, 2).contiguous(), self.labels[index]
 
 
 def _collate(batch):
