@@ -161,3 +161,13 @@ def test_unreadable_weights_file(tmp_path):
     with pytest.raises(ImgclsError, match="cannot read") as error:
         create_model("small_resnet", 3, MEAN, STD, pretrained=str(path))
     assert "model.pretrained" in str(error.value)
+
+
+def test_training_flops_are_counted_without_running_the_model():
+    from imgcls.models import training_flops_per_image
+
+    # resnet18 at 224 px: 3.6 GFLOP forward, about 3x that for forward + backward
+    flops = training_flops_per_image("resnet18", 1000, 224)
+    assert 10.0e9 < flops < 11.5e9
+    assert training_flops_per_image("small_resnet", 10, 56) == pytest.approx(
+        4 * training_flops_per_image("small_resnet", 10, 28), rel=0.05)

@@ -151,3 +151,13 @@ def test_digits_real_data_reaches_90_percent(tmp_path):
     metrics = imgcls.evaluate(run, split="test", quiet=True)
     assert metrics["n"] == 359
     assert metrics["acc1"] >= 0.90, metrics
+
+
+def test_compiled_training_matches_the_plain_loop_closely(shapes_folder, tmp_path):
+    """train.compile=true really compiles (torch.compile needs a C++ compiler on CPU) and learns."""
+    common = [f"data.path={shapes_folder}", "train.epochs=2", "data.augment=none", f"run.dir={tmp_path}", *FAST]
+    plain = imgcls.train(load_config(overrides=[*common, "run.name=plain"]))
+    compiled = imgcls.train(load_config(overrides=[*common, "run.name=compiled", "train.compile=true"]))
+    losses = [float(metrics_rows(run)[0]["train_loss"]) for run in (plain, compiled)]
+    assert losses[0] == pytest.approx(losses[1], rel=0.05)
+    assert float(metrics_rows(compiled)[-1]["train_gflops_per_s"]) > 0

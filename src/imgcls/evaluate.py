@@ -172,10 +172,11 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
     """
     from imgcls.data import build_datasets, default_workers, make_loader, read_splits_csv, resolve_source
     from imgcls.data.sources import DataSource
-    from imgcls.predict import find_artifact, load
+    from imgcls.predict import load
 
     classifier = load(run, device)
-    run_dir = find_artifact(run).parent.parent
+    # outputs go to the run folder; for a bare model.safetensors, to the folder that holds it
+    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     config = classifier.metadata["config"]
     if data is None:
         splits_csv = run_dir / "splits.csv"

@@ -108,7 +108,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     started = time.perf_counter()
     with StepProgress(len(loader), description, every=log_every) as bar:
         ready = time.perf_counter()
-        for step, (images, labels) in enumerate(loader):
+        for images, labels in loader:
             waited += time.perf_counter() - ready
             images, labels = runtime.to_device(images), labels.to(runtime.device, non_blocking=True)
             if augment is not None:
