@@ -1,5 +1,5 @@
 """From file lists to batches: bad images are found up front (cached or not), items are uint8 CHW
-tensors, augmentation presets, and seeded loader order."""
+tensors, and seeded loader order (augmentation: test_augment.py)."""
 
 import io
 from pathlib import Path
@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from imgcls.data import ImageDataset, build_datasets, make_loader
-from imgcls.data.augment import build_augment
 from imgcls.data.cache import build_cache, cache_key, open_cache
 from imgcls.data.loaders import decode_into, find_bad_images
 from imgcls.errors import ImgclsError
@@ -195,66 +194,6 @@ def test_cache_auto_respects_the_memory_budget(image_folder):
     splits, _ = image_folder
     assert build_datasets(splits, CLASSES, SIZE, "crop", cache="auto", cache_max_gib=1.0).cached
     assert not build_datasets(splits, CLASSES, SIZE, "crop", cache="auto", cache_max_gib=1e-9).cached
-
-
-# --- augmentation --------------------------------------------------------------------------------
-
-@pytest.fixture
-def gradient_batch():
-    """Four 3 x 32 x 32 uint8 images with no symmetry: flips and crops change them."""
-    rows = torch.arange(32).view(32, 1).expand(32, 32)
-    columns = torch.arange(32).view(1, 32).expand(32, 32)
-    image = torch.stack([rows * 8, columns * 8, (rows + columns) * 4]).to(torch.uint8)
-    return image.expand(4, 3, 32, 32).contiguous()
-
-
-def test_no_augmentation():
-    assert build_augment("none", 32) is None
-
-
-@pytest.mark.parametrize("preset", ["light", "standard"])
-def test_augmentation_keeps_shape_gives_unit_floats_and_changes_images(gradient_batch, preset):
-    augment = build_augment(preset, 32)
-    torch.manual_seed(0)
-    outputs = [augment(gradient_batch) for _ in range(4)]
-    original = gradient_batch.float() / 255
-    for output in outputs:
-        assert output.shape == (4, 3, 32, 32) and output.dtype == torch.float32
-        assert 0.0 <= output.min() and output.max() <= 1.0
-    changed = [not torch.allclose(image, original[0]) for output in outputs for image in output]
-    assert sum(changed) >= 12
-    # per-sample parameters: the four copies of one image in a batch come out differently
-    assert len({outputs[0][i].numpy().tobytes() for i in range(4)}) >= 3
-
-
-def test_light_augmentation_only_moves_pixels(gradient_batch):
-    # flip + reflect-padded crop: no colour change, so every output value is one of the input's values
-    augment = build_augment("light", 32)
-    torch.manual_seed(0)
-    allowed = set((gradient_batch[0, 0].float() / 255).unique().tolist())
-    output = augment(gradient_batch)
-    assert set(output[:, 0].unique().tolist()) <= allowed
-
-
-def test_standard_augmentation_changes_colours(gradient_batch):
-    augment = build_augment("standard", 32)
-    torch.manual_seed(0)
-    original = set((gradient_batch[0, 0].float() / 255).unique().tolist())
-    assert not set(augment(gradient_batch)[:, 0].unique().tolist()) <= original
-
-
-def test_augmentation_is_reproducible_under_a_seed(gradient_batch):
-    # the loop's RNG state is saved in checkpoints, so resume replays the same augmentations
-    augment = build_augment("standard", 32)
-    torch.manual_seed(3)
-    first = augment(gradient_batch)
-    torch.manual_seed(3)
-    assert torch.equal(augment(gradient_batch), first)
-
-
-def test_unknown_augmentation_preset():
-    with pytest.raises(ValueError, match="heavy"):
-        build_augment("heavy", 32)
 
 
 # --- loader order --------------------------------------------------------------------------------

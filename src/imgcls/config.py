@@ -40,9 +40,29 @@ class DataConfig:
     resize: Literal["crop", "pad", "squish"] = "crop"
     """How an image becomes a square: centre `crop` of the shorter side, `pad` (letterbox, nothing cut
     off), or `squish` (stretch)."""
-    augment: Literal["none", "light", "standard"] = "light"
-    """Train-time augmentation. light: flip + padded random crop; standard: flip + random resized crop
-    + colour jitter. Evaluation never augments."""
+    augment: Literal["none", "light", "standard", "strong"] = "light"
+    """Train-time augmentation preset. light: flip + padded random crop; standard: flip + random resized
+    crop + colour jitter; strong: standard + RandAugment + random erasing (timm's strong recipes).
+    Evaluation never augments."""
+    auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = "none"
+    """Learned or random augmentation policy, drawn per image, after the preset: RandAugment (2
+    operations at magnitude 9 of 30), TrivialAugment (1 operation at a random magnitude) or AutoAugment
+    (ImageNet policy). none: the preset's own (RandAugment for strong, else nothing)."""
+    color_jitter: Optional[float] = None
+    """Brightness, contrast and saturation factors drawn from 1 +- this. None: the preset's own (0.3
+    for standard and strong, else none); 0: off."""
+    random_erasing: float = 0.0
+    """Probability that an image gets one rectangle (2-33% of its area) filled with grey. 0: the
+    preset's own (0.25 for strong, else none)."""
+    mixup_alpha: float = 0.0
+    """MixUp: blend each training image with another of the batch, weight ~ Beta(alpha, alpha); targets
+    blended alike. 0: off; DeiT-style timm recipes use 0.8."""
+    cutmix_alpha: float = 0.0
+    """CutMix: paste a box of another image of the batch, area share ~ Beta(alpha, alpha); targets
+    weighted by area. 0: off; timm's recipes use 1.0."""
+    mix_probability: float = 1.0
+    """Share of the batches that are mixed when `mixup_alpha` or `cutmix_alpha` is positive; with both,
+    each mixed batch uses one of the two, 50/50."""
     val_fraction: float = 0.1
     """Share of the training images held out for validation when the data has no val split."""
     test_fraction: float = 0.1
@@ -57,6 +77,13 @@ class DataConfig:
     """Disk budget of the decoded-image cache for `data.cache=auto`, GiB."""
     workers: Optional[int] = None
     """DataLoader worker processes. None: chosen from the CPU count and whether the cache is used."""
+    sampler: Literal["random", "balanced"] = "random"
+    """random: every image once per epoch; balanced: draw images with probability 1/(their class count),
+    so every class is seen about equally often (long-tailed data)."""
+    fraction: float = 1.0
+    """Share of the training images to use (stratified, seeded): a quick first run on a subset."""
+    per_class_limit: Optional[int] = None
+    """At most this many training images per class (applied after `data.fraction`)."""
 
 
 @dataclass
@@ -65,10 +92,13 @@ class ModelConfig:
     """A timm architecture (`imgcls models` lists them) or `small_resnet`. auto: `small_resnet` for
     images of 64 px or less, `resnet18` otherwise."""
     pretrained: Optional[str] = None
-    """Path to a weights file (.safetensors or a PyTorch state_dict) to start from; the classifier
-    head is replaced for this dataset's classes."""
+    """Weights to start from: `imagenet` (EfficientNet-Lite0's install with imgcls and work offline;
+    other timm models download timm's when online), or a path to a .safetensors / PyTorch state_dict
+    file. The classifier head is replaced for this dataset's classes."""
     drop_rate: float = 0.0
     """Dropout before the classifier."""
+    freeze_epochs: int = 0
+    """Train only the classifier head for this many epochs, then everything (transfer learning)."""
 
 
 @dataclass
@@ -79,6 +109,9 @@ class OptimConfig:
     weight_decay: float = 0.05
     momentum: float = 0.9
     """SGD only (Nesterov)."""
+    backbone_lr_ratio: float = 1.0
+    """The backbone's learning rate as a share of `optim.lr` (the head gets `optim.lr`); e.g. 0.1 when
+    fine-tuning pretrained weights."""
     scheduler: Literal["cosine", "step", "plateau", "none"] = "cosine"
     """cosine: per-step cosine decay to zero after a linear warm-up; step: multiply by `gamma` every
     `step_epochs`; plateau: multiply by `gamma` when the monitored metric stops improving."""
@@ -92,9 +125,13 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["ce"] = "ce"
-    """Cross-entropy."""
+    name: Literal["ce", "focal"] = "ce"
+    """ce: cross-entropy; focal: focal loss, which down-weights easy examples (long-tailed data)."""
     label_smoothing: float = 0.0
+    class_weights: Literal["none", "auto"] = "none"
+    """auto: weight each class by n_images / (n_classes * its training count), so rare classes count more."""
+    focal_gamma: float = 2.0
+    """Focal loss focusing strength; 0 is cross-entropy."""
 
 
 @dataclass
@@ -115,6 +152,15 @@ class TrainConfig:
     """Stop after this many epochs without improvement of `train.monitor`; None: never stop early."""
     log_every: int = 200
     """Batches between progress lines when the output is not a terminal."""
+    accumulate: int = 1
+    """Gradient accumulation: batches per optimiser step (effective batch = batch_size x accumulate)."""
+    ema: bool = False
+    """Keep an exponential moving average of the weights, evaluated and checkpointed beside the raw
+    weights; the better of the two becomes `best` and the model artifact."""
+    ema_decay: float = 0.999
+    """EMA decay per optimiser step (with timm's warm-up, so early averages are not dominated by the start)."""
+    max_minutes: Optional[float] = None
+    """Wall-clock budget for training: no epoch starts that would end after it."""
 
 
 @dataclass
@@ -148,7 +194,7 @@ def _section_type(node: type, name: str) -> type:
 def _closest(key: str) -> str:
     """A hint for an unknown key: the closest valid key, else the keys of its section, else the sections."""
     keys = valid_keys()
-    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if match:
         return f"; did you mean '{match[0]}'?"
     section = key.split(".", 1)[0]
@@ -217,7 +263,21 @@ def _check_ranges(config: Config) -> None:
         ("data.test_fraction", 0 <= config.data.test_fraction < 1, "must be between 0 and 1"),
         ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 1, "must be in [0, 1)"),
         ("data.image_size", config.data.image_size is None or config.data.image_size >= 8, "must be at least 8"),
+        ("data.color_jitter", config.data.color_jitter is None or 0 <= config.data.color_jitter <= 1, "must be in [0, 1]"),
+        ("data.random_erasing", 0 <= config.data.random_erasing <= 1, "must be in [0, 1]"),
+        ("data.mixup_alpha", config.data.mixup_alpha >= 0, "must be 0 or more"),
+        ("data.cutmix_alpha", config.data.cutmix_alpha >= 0, "must be 0 or more"),
+        ("data.mix_probability", 0 <= config.data.mix_probability <= 1, "must be in [0, 1]"),
         ("train.patience", config.train.patience is None or config.train.patience >= 1, "must be at least 1"),
+        ("train.accumulate", config.train.accumulate >= 1, "must be at least 1"),
+        ("train.ema_decay", 0 < config.train.ema_decay < 1, "must be between 0 and 1"),
+        ("train.max_minutes", config.train.max_minutes is None or config.train.max_minutes > 0, "must be positive"),
+        ("data.fraction", 0 < config.data.fraction <= 1, "must be in (0, 1]"),
+        ("data.per_class_limit", config.data.per_class_limit is None or config.data.per_class_limit >= 1,
+         "must be at least 1"),
+        ("model.freeze_epochs", config.model.freeze_epochs >= 0, "must be 0 or more"),
+        ("optim.backbone_lr_ratio", config.optim.backbone_lr_ratio >= 0, "must be 0 or more"),
+        ("loss.focal_gamma", config.loss.focal_gamma >= 0, "must be 0 or more"),
     ]
     for key, ok, requirement in checks:
         if not ok:

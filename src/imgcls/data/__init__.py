@@ -10,15 +10,17 @@ from statistics import median
 from imgcls.data.images import image_size_of, load_image, load_square
 from imgcls.data.augment import build_augment
 from imgcls.data.cache import build_cache, cache_bytes, open_cache
-from imgcls.data.loaders import ImageDataset, default_workers, find_bad_images, make_loader
+from imgcls.data.loaders import ImageDataset, balanced_sampler, default_workers, find_bad_images, make_loader
 from imgcls.data.packaged import PACKAGED, cache_dir, materialise
-from imgcls.data.sources import DataSource, assign_splits, read_splits_csv, resolve_source, write_splits_csv
+from imgcls.data.sources import (
+    DataSource, assign_splits, read_splits_csv, resolve_source, subsample_train, write_splits_csv,
+)
 from imgcls.errors import ImgclsError
 
 __all__ = [
     "DataSource", "ImageDataset", "build_augment", "PACKAGED", "PreparedSplits", "assign_splits", "build_datasets", "cache_dir",
     "load_image", "load_square", "make_loader", "materialise", "median_side", "read_splits_csv", "resolve_source",
-    "write_splits_csv", "default_workers",
+    "write_splits_csv", "default_workers", "subsample_train", "balanced_sampler",
 ]
 
 log = logging.getLogger("imgcls")

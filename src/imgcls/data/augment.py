@@ -1,40 +1,86 @@
 """Train-time augmentation on whole batches, on the training device (kornia: per-sample random
-parameters, one kernel launch per op for the batch).
+parameters, one kernel launch per op for the batch), and MixUp / CutMix of batches with their labels.
 
 Working on batches after the transfer, instead of on single images in loader processes, means the
 decoded-image cache needs no loader processes at all, and on a GPU the augmentation costs the CPU
-nothing. Evaluation never augments.
+nothing. Evaluation never augments. Every random draw comes from torch's global generators, which
+checkpoints save: a resumed run replays the same augmentations.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["build_augment", "PRESETS"]
+if TYPE_CHECKING:
+    from imgcls.config import DataConfig
 
-PRESETS = ("none", "light", "standard")
+__all__ = ["build_augment", "build_mixing", "PRESETS", "AUTO_AUGMENT_POLICIES"]
+
+PRESETS = ("none", "light", "standard", "strong")
+AUTO_AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
+
+# The presets' strengths. `strong` follows timm's strong recipes (RandAugment m9 n2 + erasing 0.25 on top
+# of random resized crop + flip); note that kornia's RandAugment magnitude runs 0..30 like torchvision's,
+# where timm's runs 0..10.
+STANDARD_COLOR_JITTER = 0.3  # brightness, contrast and saturation factors drawn from 1 +- this
+STRONG_RANDOM_ERASING = 0.25  # share of images that get one erased rectangle
+RANDAUGMENT_OPERATIONS = 2  # n: distinct operations per image
+RANDAUGMENT_MAGNITUDE = 9  # m, of kornia's 0..30 scale (torchvision's default)
+ERASE_VALUE = 0.5  # mid-grey, close to the mean colour that timm's erasing to 0 after normalisation gives
 
 
-def build_augment(preset: str, size: int) -> nn.Module | None:
+def build_augment(data_config: DataConfig, size: int) -> nn.Module | None:
     """A module mapping a uint8 NCHW batch (size x size) to an augmented float batch in [0, 1].
 
-    none: no augmentation (returns None); light: horizontal flip + random crop of a reflect-padded image
-    (shift by up to 1/8 of the side); standard: random resized crop (35-100% of the area) + flip +
-    colour jitter (brightness, contrast, saturation +-30%).
+    Presets (`data.augment`): none: nothing; light: horizontal flip + random crop of a reflect-padded
+    image (shift by up to 1/8 of the side); standard: random resized crop (35-100% of the area) + flip +
+    colour jitter (brightness, contrast, saturation +-30%); strong: standard + RandAugment (n=2, m=9 of
+    30) + random erasing (a quarter of the images). The other keys add to or replace parts of the preset,
+    in this order: colour jitter, the auto-augment policy (one drawn per image), random erasing.
+
+    Args:
+        data_config: reads augment, auto_augment, color_jitter (None: the preset's own, 0: off) and
+            random_erasing (0: the preset's own, i.e. 0.25 for strong and off otherwise).
+        size: side of the square input and output images, pixels.
+
+    Returns:
+        The module, or None when nothing would change the images.
+
+    Raises:
+        ValueError: an unknown preset or policy name.
     """
     import kornia.augmentation as K
 
-    if preset == "none":
-        return None
-    if preset == "light":
-        steps = [K.RandomCrop((size, size), padding=max(1, size // 8), padding_mode="reflect"), K.RandomHorizontalFlip()]
-    elif preset == "standard":
-        steps = [K.RandomResizedCrop((size, size), scale=(0.35, 1.0)), K.RandomHorizontalFlip(),
-                 K.ColorJitter(0.3, 0.3, 0.3, p=1.0)]
-    else:
+    preset, policy = data_config.augment, data_config.auto_augment
+    if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; use one of {', '.join(PRESETS)}")
-    return _BatchAugment(K.AugmentationSequential(*steps))
+    if policy not in AUTO_AUGMENT_POLICIES:
+        raise ValueError(f"unknown auto-augment policy {policy!r}; use one of {', '.join(AUTO_AUGMENT_POLICIES)}")
+    color_jitter = data_config.color_jitter
+    if color_jitter is None:
+        color_jitter = STANDARD_COLOR_JITTER if preset in ("standard", "strong") else 0.0
+    random_erasing = data_config.random_erasing or (STRONG_RANDOM_ERASING if preset == "strong" else 0.0)
+    if preset == "strong" and policy == "none":
+        policy = "randaugment"
+
+    steps: list[nn.Module] = []
+    if preset == "light":
+        steps += [K.RandomCrop((size, size), padding=max(1, size // 8), padding_mode="reflect"), K.RandomHorizontalFlip()]
+    elif preset in ("standard", "strong"):
+        steps += [K.RandomResizedCrop((size, size), scale=(0.35, 1.0)), K.RandomHorizontalFlip()]
+    if color_jitter > 0:
+        steps.append(K.ColorJitter(color_jitter, color_jitter, color_jitter, p=1.0))
+    if policy != "none":
+        steps.append(_PerImagePolicy(policy))
+    if random_erasing > 0:
+        steps.append(K.RandomErasing(p=random_erasing, value=ERASE_VALUE))
+    # a plain Sequential: _PerImagePolicy is not a kornia module, and kornia's containers only add
+    # bookkeeping for masks and boxes, which classification has none of
+    return _BatchAugment(nn.Sequential(*steps)) if steps else None
 
 
 class _BatchAugment(nn.Module):
@@ -46,3 +92,105 @@ class _BatchAugment(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # kornia's colour ops expect floats in [0, 1]; the model accepts those as well as uint8
         return self.pipeline(images.float().div_(255.0)).clamp_(0.0, 1.0)
+
+
+class _PerImagePolicy(nn.Module):
+    """RandAugment, TrivialAugment or AutoAugment with a policy drawn for each image.
+
+    kornia's policy modules draw one policy per call, so every image of a batch would get the same
+    operations (only their magnitudes differ); timm and torchvision draw per image. Here each image draws
+    its own, and each candidate of kornia's policy list runs once on the images that drew it: at most
+    (candidates x rounds) kornia calls per batch, whatever the batch size.
+    """
+
+    def __init__(self, name: str):
+        super().__init__()
+        from kornia.augmentation.auto import AutoAugment, RandAugment, TrivialAugment
+        from kornia.augmentation.auto.autoaugment.autoaugment import imagenet_policy
+        from kornia.augmentation.auto.rand_augment.rand_augment import default_policy as randaugment_policy
+        from kornia.augmentation.auto.trivial_augment.trivial_augment import default_policy as trivialaugment_policy
+
+        # one kornia module per candidate, so kornia still does the operations and their magnitudes
+        if name == "randaugment":  # n distinct operations per image, each at the fixed magnitude m
+            candidates = [RandAugment(n=1, m=RANDAUGMENT_MAGNITUDE, policy=[c]) for c in randaugment_policy]
+            self.rounds = RANDAUGMENT_OPERATIONS
+        elif name == "trivialaugment":  # one operation per image, at a random magnitude
+            candidates = [TrivialAugment(policy=[c]) for c in trivialaugment_policy]
+            self.rounds = 1
+        elif name == "autoaugment":  # one of the 25 learned ImageNet sub-policies (two operations each)
+            candidates = [AutoAugment(policy=[c]) for c in imagenet_policy]
+            self.rounds = 1
+        else:
+            raise ValueError(f"unknown auto-augment policy {name!r}; use one of {', '.join(AUTO_AUGMENT_POLICIES)}")
+        self.candidates = nn.ModuleList(candidates)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # per image, the first `rounds` entries of a random permutation: distinct candidates, each uniform.
+        # Drawn on the CPU, so finding each candidate's images is no CPU-GPU sync.
+        choices = torch.rand(len(images), len(self.candidates)).argsort(dim=1)[:, : self.rounds]
+        images = images.clone()
+        for column in choices.T:
+            for index, candidate in enumerate(self.candidates):
+                rows = (column == index).nonzero().flatten()
+                if len(rows) > 0:
+                    rows = rows.to(images.device)
+                    images[rows] = candidate(images[rows])
+        return images
+
+
+def build_mixing(data_config: DataConfig, num_classes: int) -> nn.Module | None:
+    """MixUp / CutMix of a training batch and its labels, as timm's Mixup does it.
+
+    A share `mix_probability` of the batches is mixed; when both alphas are positive, each mixed batch
+    uses MixUp or CutMix with even odds. Every image is mixed with another image of the batch (a random
+    pairing): MixUp blends the two with a weight drawn from Beta(mixup_alpha, mixup_alpha); CutMix
+    (kornia) pastes a box of the other image, its area share drawn from Beta(cutmix_alpha, cutmix_alpha).
+    The targets weight the two labels by the same shares.
+
+    Args:
+        data_config: reads mixup_alpha, cutmix_alpha and mix_probability.
+        num_classes: length of the target vectors.
+
+    Returns:
+        None when no batch would be mixed; else a module mapping (images NCHW, float in [0, 1] or uint8;
+        labels long N) to (float images, targets float N x num_classes, rows summing to 1). An unmixed
+        batch gets one-hot targets.
+    """
+    mixup_alpha, cutmix_alpha = data_config.mixup_alpha, data_config.cutmix_alpha
+    if data_config.mix_probability <= 0 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
+        return None
+    return _Mixing(mixup_alpha, cutmix_alpha, data_config.mix_probability, num_classes)
+
+
+class _Mixing(nn.Module):
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, probability: float, num_classes: int):
+        super().__init__()
+        import kornia.augmentation as K
+
+        self.mixup_alpha, self.probability, self.num_classes = mixup_alpha, probability, num_classes
+        # kornia's RandomMixUpV2 draws its weights uniformly from a range, not from Beta(alpha, alpha):
+        # MixUp is the two lines in forward. Its CutMix fits; use_correct_lambda: the weight it returns
+        # is the original image's share (1 - the pasted area share).
+        self.cutmix = (K.RandomCutMixV2(beta=cutmix_alpha, use_correct_lambda=True, data_keys=["input", "class"])
+                       if cutmix_alpha > 0 else None)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not images.is_floating_point():  # `data.augment=none` leaves the batch uint8
+            images = images.float().div_(255.0)
+        # CPU draws from the global generator: no CPU-GPU sync, and saved in checkpoints
+        if torch.rand(()) >= self.probability:
+            return images, F.one_hot(labels, self.num_classes).float()
+        if self.cutmix is not None and (self.mixup_alpha <= 0 or torch.rand(()) < 0.5):
+            images, mixed = self.cutmix(images, labels)  # mixed: (1, N, 3) = label, partner's label, own share
+            partner_labels, own_share = mixed[0, :, 1].long(), mixed[0, :, 2]
+        else:
+            partners = torch.randperm(len(images)).to(images.device)
+            alpha = torch.tensor(float(self.mixup_alpha))
+            own_share = torch.distributions.Beta(alpha, alpha).sample((len(images),)).to(images.device)
+            images = torch.lerp(images[partners], images, own_share.view(-1, 1, 1, 1).to(images.dtype))
+            partner_labels = labels[partners]
+        own_share = own_share.float().unsqueeze(1)
+        targets = (own_share * F.one_hot(labels, self.num_classes)
+                   + (1 - own_share) * F.one_hot(partner_labels, self.num_classes))
+        return images, targets

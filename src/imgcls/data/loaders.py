@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from imgcls.data.images import load_square
 from imgcls.errors import ImgclsError
 
-__all__ = ["ImageDataset", "decode_into", "find_bad_images", "make_loader", "default_workers"]
+__all__ = ["ImageDataset", "balanced_sampler", "decode_into", "find_bad_images", "make_loader", "default_workers"]
 
 log = logging.getLogger("imgcls")
 
@@ -137,6 +137,14 @@ def _collate(batch):
     if isinstance(batch, tuple):  # already a batch, from the cache
         return batch
     return torch.utils.data.default_collate(batch)
+
+
+def balanced_sampler(labels: torch.Tensor, generator: torch.Generator) -> torch.utils.data.WeightedRandomSampler:
+    """Draw each image with probability proportional to 1 / (its class's count), with replacement: every
+    class comes up about equally often, an epoch keeps its usual length."""
+    per_image = 1.0 / torch.bincount(labels).double()[labels]
+    return torch.utils.data.WeightedRandomSampler(per_image, num_samples=len(labels), replacement=True,
+                                                  generator=generator)
 
 
 def default_workers(cached: bool) -> int:

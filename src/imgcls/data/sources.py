@@ -14,7 +14,7 @@ import numpy as np
 from imgcls.data.images import is_image_file
 from imgcls.errors import ImgclsError
 
-__all__ = ["DataSource", "resolve_source", "assign_splits", "read_splits_csv", "write_splits_csv"]
+__all__ = ["DataSource", "resolve_source", "assign_splits", "subsample_train", "read_splits_csv", "write_splits_csv"]
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -166,6 +166,33 @@ def assign_splits(source: DataSource, val_fraction: float, test_fraction: float,
     result = DataSource(name=source.name, splits=splits, origin=source.origin)
     check_classes(result)
     return result
+
+
+def subsample_train(source: DataSource, fraction: float = 1.0, per_class_limit: int | None = None,
+                    seed: int = 0) -> DataSource:
+    """Keep a stratified, seeded share of the training images (at least one per class), then at most
+    `per_class_limit` per class: a quick first run. Other splits are untouched."""
+    if fraction >= 1.0 and per_class_limit is None:
+        return source
+    rng = np.random.default_rng(seed + 1)  # not the split's stream: the subset does not move the split
+    train = source.splits["train"]
+    if fraction < 1.0:
+        _, train = _stratified_take(train, fraction, rng)
+        present = {label for _, label in train}
+        for sample in source.splits["train"]:  # a class too small for the fraction keeps one image
+            if sample[1] not in present:
+                train.append(sample)
+                present.add(sample[1])
+    if per_class_limit is not None:
+        kept: dict[str, int] = {}
+        limited = []
+        for index in rng.permutation(len(train)):
+            sample = train[index]
+            if kept.get(sample[1], 0) < per_class_limit:
+                kept[sample[1]] = kept.get(sample[1], 0) + 1
+                limited.append(sample)
+        train = sorted(limited)
+    return DataSource(name=source.name, splits={**source.splits, "train": train}, origin=source.origin)
 
 
 def check_classes(source: DataSource) -> None:
