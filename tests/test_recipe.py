@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -187,3 +188,20 @@ def test_mixup_and_cutmix_train_with_soft_targets(shapes_folder, tmp_path):
                       "data.cutmix_alpha=1.0")
     # mixed targets cannot be fitted as sharply: the training loss is higher on the same data and seed
     assert float(rows(mixed)[0]["train_loss"]) > float(rows(plain)[0]["train_loss"])
+
+
+def test_scratch_models_normalise_with_the_training_images_statistics(shapes_folder, tmp_path):
+    from imgcls.data import ImageDataset, channel_statistics
+
+    images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    images[..., 0] = 51  # red 0.2 everywhere: std 0 -> 1
+    images[:2, ..., 1] = 255  # green: half the images 1.0, half 0.0 -> mean 0.5, std 0.5
+    dataset = ImageDataset([f"{i}.png" for i in range(4)], [0, 1, 0, 1], 8, "crop", images=images)
+    mean, std = channel_statistics(dataset)
+    assert mean == pytest.approx((0.2, 0.5, 0.0), abs=1e-4) and std == pytest.approx((1.0, 0.5, 1.0), abs=1e-4)
+    run = quick_run(shapes_folder, tmp_path, "train.epochs=1")
+    from imgcls.checkpoint import load_artifact
+
+    _, metadata = load_artifact(run / "checkpoints" / "model.safetensors")
+    assert metadata["preprocessing"]["mean"] != [0.5, 0.5, 0.5]  # dark noisy backgrounds: well below 0.5
+    assert max(metadata["preprocessing"]["mean"]) < 0.45

@@ -20,8 +20,8 @@ from torch.utils.data import DistributedSampler
 from imgcls.checkpoint import load_artifact, load_checkpoint, save_artifact, save_checkpoint
 from imgcls.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from imgcls.data import (
-    DataSource, assign_splits, balanced_sampler, build_augment, build_datasets, default_workers, make_loader, median_side,
-    read_splits_csv, resolve_source, subsample_train, write_splits_csv,
+    DataSource, assign_splits, balanced_sampler, build_augment, build_datasets, channel_statistics, default_workers,
+    make_loader, median_side, read_splits_csv, resolve_source, subsample_train, write_splits_csv,
 )
 from imgcls.data.augment import build_mixing
 from imgcls.errors import ImgclsError
@@ -206,9 +206,9 @@ def _log_data_summary(source: DataSource, class_names: list[str]) -> None:
 
 
 def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str, Any], epoch: int,
-                      env: dict[str, Any]) -> dict[str, Any]:
+                      env: dict[str, Any], normalisation: tuple[tuple[float, ...], tuple[float, ...]]) -> dict[str, Any]:
     """What the model artifact carries so that predict/eval/export need nothing else."""
-    preprocessing = default_preprocessing(config.model.name)
+    mean, std = normalisation
     return {
         "model_name": config.model.name,
         "class_names": class_names,
@@ -216,8 +216,8 @@ def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str,
         "preprocessing": {
             "image_size": config.data.image_size,
             "resize": config.data.resize,
-            "mean": list(preprocessing["mean"]),
-            "std": list(preprocessing["std"]),
+            "mean": list(mean),
+            "std": list(std),
             "input": "RGB uint8 NCHW, 0..255; the model normalises",
         },
         "epoch": epoch,
@@ -394,9 +394,15 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                              False, pin_memory=pin)
 
     # ---- model
-    preprocessing = default_preprocessing(config.model.name)
-    model = create_model(config.model.name, len(class_names), preprocessing["mean"], preprocessing["std"],
-                         config.model.drop_rate, config.model.pretrained)
+    if config.model.pretrained:  # the statistics the weights were trained with
+        preprocessing = default_preprocessing(config.model.name)
+        normalisation = (tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+    else:  # from scratch: the training images' own (the same on every rank and on resume: seeded sample)
+        normalisation = channel_statistics(prepared.datasets["train"])
+    log.info(f"normalisation: mean {normalisation[0]}, std {normalisation[1]}"
+             + (" (pretrained weights')" if config.model.pretrained else " (training images)"))
+    model = create_model(config.model.name, len(class_names), *normalisation, config.model.drop_rate,
+                         config.model.pretrained)
     model = runtime.prepare_model(model)
     parameters = sum(p.numel() for p in model.parameters())
     flops_per_image = training_flops_per_image(config.model.name, len(class_names), config.data.image_size)
@@ -512,7 +518,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                 metrics = {key: value for key, value in row.items() if key.startswith("val_")}
                 metrics["weights"] = "ema" if weights is not model else "raw"
                 save_artifact(run_dir / "checkpoints" / "model.safetensors", weights.state_dict(),
-                              artifact_metadata(config, class_names, metrics, epoch, env))
+                              artifact_metadata(config, class_names, metrics, epoch, env, normalisation))
         log.info(
             f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc1 {row['val_acc1']:.4f}  val_acc5 {row['val_acc5']:.4f}  lr {lr:.2e}  "

@@ -20,7 +20,7 @@ from imgcls.errors import ImgclsError
 __all__ = [
     "DataSource", "ImageDataset", "build_augment", "PACKAGED", "PreparedSplits", "assign_splits", "build_datasets", "cache_dir",
     "load_image", "load_square", "make_loader", "materialise", "median_side", "read_splits_csv", "resolve_source",
-    "write_splits_csv", "default_workers", "subsample_train", "balanced_sampler",
+    "write_splits_csv", "default_workers", "subsample_train", "balanced_sampler", "channel_statistics",
 ]
 
 log = logging.getLogger("imgcls")
@@ -31,6 +31,28 @@ class PreparedSplits:
     datasets: dict[str, ImageDataset]
     bad_images: dict[str, str] = field(default_factory=dict)
     cached: bool = False
+
+
+def channel_statistics(dataset: ImageDataset, sample: int = 5000, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation (0..1 scale) of up to `sample` training images, for
+    normalising a model trained from scratch on its own data (pretrained models keep the statistics
+    their weights were trained with). A constant channel gets std 1 instead of 0."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(dataset), generator=generator)[:sample].tolist()
+    sums, squares, pixels = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for start in range(0, len(indices), 256):
+        batch = dataset.__getitems__(indices[start: start + 256])
+        images = batch[0] if isinstance(batch, tuple) else torch.stack([image for image, _ in batch])
+        values = images.double().div_(255.0)
+        sums += values.sum(dim=(0, 2, 3))
+        squares += values.pow(2).sum(dim=(0, 2, 3))
+        pixels += values.shape[0] * values.shape[2] * values.shape[3]
+    mean = sums / pixels
+    std = (squares / pixels - mean.pow(2)).clamp_min(0).sqrt()
+    std = torch.where(std < 1e-3, torch.ones_like(std), std)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 def median_side(paths: list[str], sample: int = 200) -> int:
