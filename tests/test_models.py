@@ -166,7 +166,7 @@ def test_unreadable_weights_file(tmp_path):
 def test_training_flops_are_counted_without_running_the_model():
     from imgcls.models import training_flops_per_image
 
-    # resnet18 at 224 px: 3.6 GFLOP forward, about 3x that for forward + backward
+    # resnet18 at 224 px: 3.6 GFLOP forward, 3x that for forward + backward
     flops = training_flops_per_image("resnet18", 1000, 224)
     assert 10.0e9 < flops < 11.5e9
     assert training_flops_per_image("small_resnet", 10, 56) == pytest.approx(
