@@ -134,6 +134,9 @@ class Distributed:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # every rank leaves together: a rank that tears gloo down while another still holds
+                # connections can abort ("terminate called without an active exception")
+                dist.barrier()
                 dist.destroy_process_group()
 
 
