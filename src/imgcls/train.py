@@ -234,19 +234,23 @@ def cache_dataset(config: Config) -> tuple[Config, int]:
     Returns:
         (the config with model and image size resolved, number of readable images).
     """
-    source = resolve_source(config.data.path)
-    source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.seed)
-    config = _resolve_auto(config, source)
+    config, source = _resolve_data(config)
     prepared = build_datasets(source.splits, source.class_names, config.data.image_size, config.data.resize,
                               cache="on", on_bad_image=config.data.on_bad_image)
     return config, sum(len(dataset) for dataset in prepared.datasets.values())
 
 
-def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
+def _resolve_data(config: Config) -> tuple[Config, DataSource]:
+    """The data a config names, split and subsampled, and the config with its automatic choices made.
+    Shared by training and `imgcls cache`, so the cache holds exactly the files training will read."""
     source = resolve_source(config.data.path)
     source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.seed)
     source = subsample_train(source, config.data.fraction, config.data.per_class_limit, config.seed)
-    config = _resolve_auto(config, source)
+    return _resolve_auto(config, source), source
+
+
+def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
+    config, source = _resolve_data(config)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
     # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
     save_config(config, run_dir / "config.yaml")
