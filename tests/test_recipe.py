@@ -205,3 +205,35 @@ def test_scratch_models_normalise_with_the_training_images_statistics(shapes_fol
     _, metadata = load_artifact(run / "checkpoints" / "model.safetensors")
     assert metadata["preprocessing"]["mean"] != [0.5, 0.5, 0.5]  # dark noisy backgrounds: well below 0.5
     assert max(metadata["preprocessing"]["mean"]) < 0.45
+
+
+@pytest.mark.parametrize("name", ["small_resnet", "resnet18", "tf_efficientnet_lite0"])
+def test_hidden_head_layer_is_built_and_counts_as_head(name):
+    model = create_model(name, 3, (0.5,) * 3, (0.5,) * 3, drop_rate=0.3, head_hidden=32)
+    head = model.backbone.get_classifier()
+    assert [type(layer) for layer in head] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert head[0].out_features == 32 and head[3].out_features == 3 and head[2].p == 0.3
+    assert head_parameters(model) == {id(p) for p in head.parameters()}
+    assert model(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 3)
+
+
+def test_hidden_head_in_a_run_reaches_the_artifact_and_predict(shapes_folder, tmp_path):
+    run = quick_run(shapes_folder, tmp_path, "train.epochs=1", "model.head_hidden=16")
+    state = load_checkpoint_model(run)
+    assert state["backbone.fc.0.weight"].shape[0] == 16 and state["backbone.fc.3.weight"].shape == (3, 16)
+    classifier = imgcls.load(run)  # rebuilt from the artifact alone: the hidden layer must come back
+    assert isinstance(classifier.model.backbone.fc, nn.Sequential)
+    assert len(classifier.predict([next(shapes_folder.glob("circle/*"))])) == 1
+
+
+def test_hidden_head_on_a_classifier_that_is_not_linear_is_refused():
+    from imgcls.errors import ImgclsError
+
+    with pytest.raises(ImgclsError, match="model.head_hidden"):
+        create_model("dla34", 3, (0.5,) * 3, (0.5,) * 3, head_hidden=8)  # a 1x1 conv classifier
+
+
+def load_checkpoint_model(run: Path) -> dict[str, torch.Tensor]:
+    from imgcls.checkpoint import load_checkpoint
+
+    return load_checkpoint(run / "checkpoints" / "last.ckpt")["model"]

