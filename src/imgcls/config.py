@@ -96,7 +96,10 @@ class ModelConfig:
     other timm models download timm's when online), or a path to a .safetensors / PyTorch state_dict
     file. The classifier head is replaced for this dataset's classes."""
     drop_rate: float = 0.0
-    """Dropout before the classifier."""
+    """Dropout before the classifier (and before its output layer when there is a hidden layer)."""
+    head_hidden: Optional[int] = None
+    """Width of a hidden layer in the classifier head (Linear -> ReLU -> dropout -> Linear, as fastai's
+    head); None: one linear layer, as timm and torchvision build it."""
     freeze_epochs: int = 0
     """Train only the classifier head for this many epochs, then everything (transfer learning)."""
 
@@ -164,6 +167,20 @@ class TrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files (scalars, learning rate, confusion matrix) to <run>/tensorboard/
+    when the tensorboard package is installed; `tensorboard --logdir runs` shows every run."""
+    mlflow: bool = False
+    """Log params, per-epoch metrics, the run folder's files and the model to MLflow."""
+    mlflow_uri: Optional[str] = None
+    """MLflow tracking URI (e.g. http://host:5000); None: the local store that `mlflow ui`, started
+    in the same directory, shows."""
+    mlflow_experiment: str = "imgcls"
+    """MLflow experiment name."""
+
+
+@dataclass
 class Config:
     seed: int = 42
     device: str = "auto"
@@ -174,6 +191,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def valid_keys(node: type = Config, prefix: str = "") -> list[str]:
@@ -276,6 +294,7 @@ def _check_ranges(config: Config) -> None:
         ("data.per_class_limit", config.data.per_class_limit is None or config.data.per_class_limit >= 1,
          "must be at least 1"),
         ("model.freeze_epochs", config.model.freeze_epochs >= 0, "must be 0 or more"),
+        ("model.head_hidden", config.model.head_hidden is None or config.model.head_hidden >= 1, "must be at least 1"),
         ("optim.backbone_lr_ratio", config.optim.backbone_lr_ratio >= 0, "must be 0 or more"),
         ("loss.focal_gamma", config.loss.focal_gamma >= 0, "must be 0 or more"),
     ]
