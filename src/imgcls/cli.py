@@ -63,7 +63,8 @@ def _lr_find(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from imgcls.evaluate import evaluate
 
-    metrics = evaluate(args.run, split=args.split, data=args.data, device=args.device, quiet=args.json)
+    metrics = evaluate(args.run, split=args.split, data=args.data, device=args.device, quiet=args.json,
+                       explain=not args.no_explain, layer=args.layer)
     if args.json:
         print(json.dumps(metrics))
     return 0
@@ -74,7 +75,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     classifier = load(args.run, args.device)
     paths = expand_paths(args.paths)
-    rows = classifier.predict(paths, topk=args.topk)
+    rows = classifier.predict(paths, topk=args.topk, reject=args.reject)
     topk = max(1, min(args.topk, len(classifier.class_names)))
     failed = sum(1 for row in rows if row["error"])
     if args.out:
@@ -86,6 +87,12 @@ def _predict(args: argparse.Namespace) -> int:
         write_predictions_csv(sys.stdout, rows, topk)
     if failed:
         log.warning(f"{failed} of {len(rows)} files could not be read; see the error column")
+    if args.reject:
+        from imgcls.predict import UNKNOWN
+
+        rejected = sum(1 for row in rows if row["label"] == UNKNOWN)
+        log.info(f"{rejected} of {len(rows)} answered '{UNKNOWN}' (confidence below "
+                 f"{classifier.reject_threshold(args.reject):.3f})")
     return 0
 
 
@@ -162,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
     evaluate.add_argument("--data", help="another dataset with the same class names (distribution shift)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object of metrics on stdout")
+    evaluate.add_argument("--layer", help="module whose activation maps to draw (default: the Grad-CAM layer); "
+                                          "an unknown name lists valid ones")
+    evaluate.add_argument("--no-explain", action="store_true", help="skip Grad-CAM, activation maps and t-SNE")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_eval)
 
@@ -170,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files, folders (recursive) or glob patterns")
     predict.add_argument("--out", help="write a CSV here (default: a table, or CSV when stdout is not a terminal)")
     predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--reject", metavar="auto|CONFIDENCE",
+                         help="answer 'unknown' below this confidence; auto: the threshold chosen on the validation "
+                              "split for 95%% precision, stored in the model")
     predict.add_argument("--device", default="auto")
     predict.set_defaults(handler=_predict)
 

@@ -164,6 +164,11 @@ class TrainConfig:
     """EMA decay per optimiser step (with timm's warm-up, so early averages are not dominated by the start)."""
     max_minutes: Optional[float] = None
     """Wall-clock budget for training: no epoch starts that would end after it."""
+    calibrate: bool = True
+    """After training, fit a softmax temperature on the validation split (calibrated confidences; the
+    predicted classes never change) and store it in the model artifact, which `predict` uses."""
+    reject_precision: float = 0.95
+    """Target precision of the `imgcls predict --reject auto` threshold, chosen on the validation split."""
 
 
 @dataclass
@@ -294,6 +299,7 @@ def _check_ranges(config: Config) -> None:
         ("data.per_class_limit", config.data.per_class_limit is None or config.data.per_class_limit >= 1,
          "must be at least 1"),
         ("model.freeze_epochs", config.model.freeze_epochs >= 0, "must be 0 or more"),
+        ("train.reject_precision", 0 < config.train.reject_precision < 1, "must be between 0 and 1"),
         ("model.head_hidden", config.model.head_hidden is None or config.model.head_hidden >= 1, "must be at least 1"),
         ("optim.backbone_lr_ratio", config.optim.backbone_lr_ratio >= 0, "must be 0 or more"),
         ("loss.focal_gamma", config.loss.focal_gamma >= 0, "must be 0 or more"),

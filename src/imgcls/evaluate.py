@@ -1,5 +1,6 @@
-"""Metrics and per-sample predictions for a split: loss, top-1/top-5, balanced accuracy, macro-F1,
-a per-class report, confusion matrices, and `predictions_<split>.csv`."""
+"""Evaluation of a split: loss, top-1/top-5, balanced accuracy, macro-F1, AUROC, a per-class report,
+confusion matrices, `predictions_<split>.csv`, the error analysis and calibration (imgcls.analyze),
+explanations (imgcls.explain); and the temperature calibration stored in the model artifact."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from torch.utils.data import DataLoader
 from imgcls.errors import ImgclsError
 from imgcls.runtime import Runtime
 
-__all__ = ["predict_loader", "compute_metrics", "per_class_report", "evaluate", "save_confusion_png"]
+__all__ = ["predict_loader", "compute_metrics", "per_class_report", "evaluate", "calibrate", "save_curves",
+           "save_confusion_png"]
 
 log = logging.getLogger("imgcls")
 
@@ -130,11 +132,12 @@ def _print_report(report: list[dict[str, Any]], metrics: dict[str, float], title
     )
 
 
-def _write_outputs(run_dir: Path, tag: str, paths: list[str], logits: torch.Tensor, labels: torch.Tensor,
+def _write_outputs(run_dir: Path, tag: str, paths: list[str], probabilities: torch.Tensor, labels: torch.Tensor,
                    class_names: list[str], metrics: dict[str, float], report: list[dict[str, Any]]) -> None:
+    """predictions_<tag>.csv (calibrated probabilities: what `predict` answers), the per-class report,
+    confusion matrices (CSV and PNG) and metrics_<tag>.json."""
     from sklearn.metrics import confusion_matrix
 
-    probabilities = torch.softmax(logits, dim=1)
     topk = min(5, len(class_names))
     values, indices = probabilities.topk(topk, dim=1)
     with open(run_dir / f"predictions_{tag}.csv", "w", newline="") as handle:
@@ -152,31 +155,113 @@ def _write_outputs(run_dir: Path, tag: str, paths: list[str], logits: torch.Tens
         writer = csv.DictWriter(handle, fieldnames=["class", "precision", "recall", "f1", "support"])
         writer.writeheader()
         writer.writerows(report)
-    matrix = confusion_matrix(labels.numpy(), logits.argmax(dim=1).numpy(), labels=list(range(len(class_names))))
+    matrix = confusion_matrix(labels.numpy(), probabilities.argmax(dim=1).numpy(), labels=list(range(len(class_names))))
     np.savetxt(run_dir / f"confusion_{tag}.csv", matrix, fmt="%d", delimiter=",")
     save_confusion_png(matrix, class_names, run_dir / f"confusion_{tag}.png", False, f"confusion, {tag}")
     save_confusion_png(matrix, class_names, run_dir / f"confusion_{tag}_normalized.png", True, f"confusion, {tag}")
     (run_dir / f"metrics_{tag}.json").write_text(json.dumps(metrics, indent=2))
 
 
-def evaluate(run: str | Path, split: str = "test", data: str | None = None, device: str = "auto",
-             batch_size: int = 256, quiet: bool = False) -> dict[str, float]:
-    """Evaluate a run's model on one split of its own data, or of another dataset (`data`) with the
-    same class names (distribution shift). Writes predictions, the per-class report and confusion
-    matrices into the run folder, tagged `<split>` or `<dataset>_<split>`.
+def _analyse(run_dir: Path, tag: str, paths: list[str], logits: torch.Tensor, labels: torch.Tensor,
+             class_names: list[str], report: list[dict[str, Any]], calibration: dict[str, Any],
+             image_size: int) -> dict[str, Any]:
+    """Error analysis and calibration of one evaluated split: writes analysis_<tag>.json, the
+    reliability diagram and the two galleries of mistakes; returns the analysis."""
+    from imgcls import analyze
+
+    probabilities = torch.softmax(logits, dim=1)
+    temperature = float(calibration.get("temperature") or 1.0)
+    calibrated = analyze.calibrated_probabilities(logits, temperature)
+    areas = analyze.auroc(probabilities, labels, len(class_names))
+    per_class_auroc = dict(zip(class_names, areas["per_class"]))
+    highest_loss = analyze.mistakes(logits, labels, paths, class_names, order="loss", limit=16)
+    most_confident = analyze.mistakes(logits, labels, paths, class_names, order="confidence", limit=16)
+    analysis = {
+        "split": tag,
+        "auroc": {"macro": areas["macro"], "per_class": per_class_auroc},
+        "most_confused": analyze.most_confused(labels, probabilities.argmax(dim=1), class_names, limit=10),
+        "errors": analyze.error_summary(logits, labels),
+        "per_class": sorted(({**row, "auroc": per_class_auroc[row["class"]]} for row in report),
+                            key=lambda row: (row["f1"], row["class"])),
+        "highest_loss": highest_loss,
+        "most_confident": most_confident,
+        "calibration": {
+            "temperature": temperature,
+            "fitted_on": calibration.get("fitted_on"),
+            "bins": 15,
+            "before": {"nll": analyze.negative_log_likelihood(logits, labels),
+                       "ece": analyze.expected_calibration_error(probabilities, labels)},
+            "after": {"nll": analyze.negative_log_likelihood(logits, labels, temperature),
+                      "ece": analyze.expected_calibration_error(calibrated, labels)},
+            "reject": calibration.get("reject"),
+        },
+    }
+    (run_dir / f"analysis_{tag}.json").write_text(json.dumps(analysis, indent=2))
+    curves = {"before (T=1)": probabilities}
+    if temperature != 1.0:
+        curves[f"after (T={temperature:.2f})"] = calibrated
+    analyze.save_reliability_diagram(curves, labels, run_dir / f"reliability_{tag}.png", title=f"reliability, {tag}")
+    size = max(64, min(128, image_size))
+    analyze.save_gallery(highest_loss, run_dir / f"mistakes_loss_{tag}.png", f"highest-loss mistakes, {tag}", size)
+    analyze.save_gallery(most_confident, run_dir / f"mistakes_confident_{tag}.png",
+                         f"most confident mistakes, {tag}", size)
+    return analysis
+
+
+def _explain(run_dir: Path, tag: str, classifier, dataset, logits: torch.Tensor, labels: torch.Tensor,
+             layer: str | None, batch_size: int) -> None:
+    """Grad-CAM of correct and wrong predictions, a layer's activation maps and a t-SNE of the
+    penultimate features (gradcam_<tag>.png, activations_<tag>.png, projection_<tag>.png)."""
+    from imgcls import explain
+    from imgcls.data import make_loader
+
+    model, names = classifier.model, classifier.class_names
+    probabilities = torch.softmax(logits / classifier.temperature, dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    rows = [{"path": path, "true": names[t], "predicted": names[p], "confidence": float(c), "predicted_index": int(p)}
+            for path, t, p, c in zip(dataset.paths, labels.tolist(), predicted.tolist(), confidence.tolist())]
+    correct, wrong = explain.choose_gallery_rows(rows, count=8)
+    chosen = correct + wrong
+    explain.save_gradcam_gallery(model, chosen, names, classifier.image_size, classifier.resize,
+                                 run_dir / f"gradcam_{tag}.png", f"Grad-CAM, {tag}: correct and wrong predictions")
+    explain.save_activation_maps(model, [row["path"] for row in chosen[:3]], classifier.image_size, classifier.resize,
+                                 run_dir / f"activations_{tag}.png", layer_name=layer)
+    # a seeded shuffle: the split may be stored class by class, and the projection takes its first images
+    loader = make_loader(dataset, batch_size, workers=0, shuffle=True, generator=torch.Generator().manual_seed(0))
+    features, feature_labels = explain.penultimate_features(model, loader, classifier.runtime.device, limit=2000)
+    points, kept = explain.project_2d(features, "tsne", seed=0)
+    explain.save_projection(points, feature_labels[kept], names, run_dir / f"projection_{tag}.png",
+                            f"t-SNE of penultimate features, {tag}")
+
+
+def save_curves(run_dir: Path, monitor: str = "val_acc1") -> dict[str, Any] | None:
+    """curves.png from the run's metrics.csv (None when the folder has none); returns best and
+    overfitting epochs."""
+    from imgcls.analyze import save_training_curves
+    from imgcls.tracking import read_metrics
+
+    if not (run_dir / "metrics.csv").exists():
+        return None
+    rows = read_metrics(run_dir / "metrics.csv")
+    if not rows:
+        return None
+    return save_training_curves(rows, run_dir / "curves.png", monitor=monitor)
+
+
+def _run_folder(run: str | Path) -> Path:
+    """Outputs go to the run folder; for a bare model.safetensors, to the folder that holds it."""
+    return Path(run) if Path(run).is_dir() else Path(run).parent
+
+
+def _split_logits(classifier, run_dir: Path, split: str, data: str | None, batch_size: int):
+    """Predict one split of the run's own data (its splits.csv) or of another dataset `data`.
 
     Returns:
-        metrics: loss, acc1, acc5, balanced_acc, macro_f1, n.
-    Raises:
-        ImgclsError: no such split, or class names the model does not know.
+        (dataset, logits, labels, tag, title).
     """
     from imgcls.data import build_datasets, default_workers, make_loader, read_splits_csv, resolve_source
     from imgcls.data.sources import DataSource
-    from imgcls.predict import load
 
-    classifier = load(run, device)
-    # outputs go to the run folder; for a bare model.safetensors, to the folder that holds it
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     config = classifier.metadata["config"]
     if data is None:
         splits_csv = run_dir / "splits.csv"
@@ -206,9 +291,99 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
     dataset = prepared.datasets[split]
     loader = make_loader(dataset, batch_size, workers=0 if prepared.cached else default_workers(False), shuffle=False)
     logits, labels = predict_loader(classifier.model, loader, classifier.runtime)
+    title = f"{Path(source.name).name} {split}" if data else split
+    return dataset, logits, labels, tag, title
+
+
+def calibrate(run: str | Path, device: str = "auto", target_precision: float = 0.95,
+              batch_size: int = 256) -> dict[str, Any]:
+    """Fit a softmax temperature on the run's validation split (Guo et al. 2017: one number, so the
+    predicted classes never change) and choose the confidence threshold of `predict --reject auto`
+    for `target_precision` on the calibrated probabilities; both are stored in the model artifact.
+
+    Returns:
+        the stored calibration: temperature, val NLL/ECE before and after, reject {threshold,
+        precision, coverage, target_precision}.
+    """
+    from imgcls import analyze
+    from imgcls.checkpoint import load_artifact, save_artifact
+    from imgcls.predict import find_artifact, load
+
+    classifier = load(run, device)
+    _, logits, labels, _, _ = _split_logits(classifier, _run_folder(run), "val", None, batch_size)
+    errors = int((logits.argmax(dim=1) != labels).sum())
+    # a temperature fitted on a split without errors only sharpens (T < 1): overconfident on new data
+    temperature = analyze.fit_temperature(logits, labels) if errors and len(labels) >= 20 else 1.0
+    calibrated = analyze.calibrated_probabilities(logits, temperature)
+    calibration = {
+        "temperature": temperature,
+        "fitted_on": "val" if temperature != 1.0 else "none (val has fewer than 20 images or no errors)",
+        "val_nll": {"before": analyze.negative_log_likelihood(logits, labels),
+                    "after": analyze.negative_log_likelihood(logits, labels, temperature)},
+        "val_ece": {"before": analyze.expected_calibration_error(torch.softmax(logits, dim=1), labels),
+                    "after": analyze.expected_calibration_error(calibrated, labels)},
+        "reject": analyze.rejection_threshold(calibrated, labels, target_precision),
+    }
+    artifact = find_artifact(run)
+    state_dict, metadata = load_artifact(artifact)
+    metadata["calibration"] = calibration
+    save_artifact(artifact, state_dict, metadata)
+    return calibration
+
+
+def evaluate(run: str | Path, split: str = "test", data: str | None = None, device: str = "auto",
+             batch_size: int = 256, quiet: bool = False, explain: bool = True, layer: str | None = None) -> dict[str, float]:
+    """Evaluate a run's model on one split of its own data, or of another dataset (`data`) with the
+    same class names (distribution shift). Writes into the run folder, tagged `<split>` or
+    `<dataset>_<split>`: predictions, the per-class report, confusion matrices, the error analysis
+    and calibration (analysis_<tag>.json, galleries, reliability diagram), training curves and, with
+    `explain`, Grad-CAM, the activation maps of `layer` and a t-SNE of the features.
+
+    Returns:
+        metrics: loss, acc1, acc5, balanced_acc, macro_f1, n, auroc_macro, ece, and with the stored
+        temperature: temperature, nll_calibrated, ece_calibrated.
+    Raises:
+        ImgclsError: no such split, class names the model does not know, or an unknown layer.
+    """
+    from imgcls.predict import load
+
+    classifier = load(run, device)
+    run_dir = _run_folder(run)
+    dataset, logits, labels, tag, title = _split_logits(classifier, run_dir, split, data, batch_size)
     metrics = compute_metrics(logits, labels)
     report = per_class_report(logits, labels, classifier.class_names)
-    _write_outputs(run_dir, tag, dataset.paths, logits, labels, classifier.class_names, metrics, report)
+    calibration = classifier.metadata.get("calibration") or {}
+    analysis = _analyse(run_dir, tag, dataset.paths, logits, labels, classifier.class_names, report, calibration,
+                        classifier.image_size)
+    metrics.update({
+        "auroc_macro": analysis["auroc"]["macro"],
+        "ece": analysis["calibration"]["before"]["ece"],
+        "temperature": analysis["calibration"]["temperature"],
+        "nll_calibrated": analysis["calibration"]["after"]["nll"],
+        "ece_calibrated": analysis["calibration"]["after"]["ece"],
+    })
+    probabilities = torch.softmax(logits / classifier.temperature, dim=1)
+    _write_outputs(run_dir, tag, dataset.paths, probabilities, labels, classifier.class_names, metrics, report)
+    save_curves(run_dir, classifier.metadata["config"]["train"]["monitor"])
+    if explain:
+        _explain(run_dir, tag, classifier, dataset, logits, labels, layer, batch_size)
     if not quiet:
-        _print_report(report, metrics, f"{Path(source.name).name} {split}" if data else f"{split}")
+        _print_report(report, metrics, title)
+        _print_analysis(analysis)
     return metrics
+
+
+def _print_analysis(analysis: dict[str, Any]) -> None:
+    errors, calibration = analysis["errors"], analysis["calibration"]
+    pairs = ", ".join(f"{row['class_a']} / {row['class_b']} {row['a_as_b']}+{row['b_as_a']}"
+                      for row in analysis["most_confused"][:3])
+    if pairs:
+        log.info(f"most confused: {pairs}")
+    if errors["errors"]:
+        log.info(f"{errors['errors']} errors: {errors['errors_true_in_top5_share']:.0%} have the true class in the "
+                 f"top 5, {errors['confident_errors_share']:.0%} were made with confidence >= 0.9")
+    before, after = calibration["before"], calibration["after"]
+    line = f"calibration: ECE {before['ece']:.4f}, NLL {before['nll']:.4f}"
+    if calibration["temperature"] != 1.0:
+        line += f"; with temperature {calibration['temperature']:.2f}: ECE {after['ece']:.4f}, NLL {after['nll']:.4f}"
+    log.info(line)

@@ -27,6 +27,8 @@ __all__ = ["Classifier", "load", "find_artifact", "expand_paths", "write_predict
 
 log = logging.getLogger("imgcls")
 
+UNKNOWN = "unknown"  # the label of a rejected prediction (`predict --reject`)
+
 
 def find_artifact(run: str | Path) -> Path:
     """The model artifact of a run folder (or the artifact path itself)."""
@@ -61,20 +63,54 @@ class Classifier:
     def resize(self) -> str:
         return self.metadata["preprocessing"]["resize"]
 
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature fitted on the validation split at the end of training (1.0: none)."""
+        return float((self.metadata.get("calibration") or {}).get("temperature") or 1.0)
+
+    def reject_threshold(self, reject: str | float | None) -> float | None:
+        """The confidence below which `predict` answers `unknown`: None (never), a number, or "auto":
+        the threshold chosen on the validation split for the target precision, stored in the artifact.
+
+        Raises:
+            ImgclsError: "auto" for an artifact without a stored threshold, or a number outside (0, 1).
+        """
+        if reject is None:
+            return None
+        if reject == "auto":
+            stored = (self.metadata.get("calibration") or {}).get("reject") or {}
+            if stored.get("threshold") is None:
+                reason = stored.get("reason", "it was trained before imgcls stored one")
+                raise ImgclsError(f"--reject auto: this model has no stored threshold ({reason}); "
+                                  "give a confidence instead, e.g. --reject 0.8")
+            return float(stored["threshold"])
+        try:
+            threshold = float(reject)
+        except ValueError:
+            raise ImgclsError(f"--reject {reject}: use auto or a confidence between 0 and 1") from None
+        if not 0 < threshold < 1:
+            raise ImgclsError(f"--reject {reject}: use auto or a confidence between 0 and 1")
+        return threshold
+
     def read(self, path: str | Path) -> np.ndarray:
         """Decode one file exactly as in evaluation: `image_size` square, uint8 HWC."""
         return load_square(path, self.image_size, self.resize)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (float32, on CPU) for a uint8 NCHW batch."""
+        """Calibrated class probabilities (float32, on CPU) for a uint8 NCHW batch: the softmax of the
+        logits divided by the stored temperature."""
         with self.runtime.autocast():
             logits = self.model(self.runtime.to_device(images))
-        return torch.softmax(logits.float(), dim=1).cpu()
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
 
-    def predict(self, paths: Iterable[str | Path], topk: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(self, paths: Iterable[str | Path], topk: int = 5, batch_size: int = 64,
+                reject: str | float | None = None) -> list[dict[str, Any]]:
         """One row per file: path, label, confidence, top-k labels and probabilities; unreadable files
-        get an `error` and no label, and the others are still predicted."""
+        get an `error` and no label, and the others are still predicted. With `reject` ("auto" or a
+        confidence), a prediction less confident than the threshold gets the label `unknown` (its
+        top-k columns still say what the model thought)."""
+        threshold = self.reject_threshold(reject)
         topk = max(1, min(topk, len(self.class_names)))
         rows: list[dict[str, Any]] = []
         pending: list[tuple[dict, np.ndarray]] = []
@@ -86,8 +122,9 @@ class Classifier:
             probabilities = self.probabilities(batch)
             values, indices = probabilities.topk(topk, dim=1)
             for (row, _), top_values, top_indices in zip(pending, values.tolist(), indices.tolist()):
-                row["label"] = self.class_names[top_indices[0]]
                 row["confidence"] = top_values[0]
+                accepted = threshold is None or top_values[0] >= threshold
+                row["label"] = self.class_names[top_indices[0]] if accepted else UNKNOWN
                 for rank, (value, index) in enumerate(zip(top_values, top_indices), start=1):
                     row[f"label_{rank}"], row[f"prob_{rank}"] = self.class_names[index], value
             pending.clear()

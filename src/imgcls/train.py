@@ -25,7 +25,7 @@ from imgcls.data import (
 )
 from imgcls.data.augment import build_mixing
 from imgcls.errors import ImgclsError
-from imgcls.evaluate import compute_metrics, evaluate, predict_loader
+from imgcls.evaluate import calibrate, compute_metrics, evaluate, predict_loader
 from imgcls.losses import build_loss
 from imgcls.models import (
     create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image,
@@ -203,6 +203,15 @@ def _log_data_summary(source: DataSource, class_names: list[str]) -> None:
         rare = min(train_counts, key=train_counts.get)
         log.warning(f"training classes are imbalanced {ratio:.0f}:1 (fewest: '{rare}', {train_counts[rare]} images); "
                     "watch balanced accuracy and macro-F1, not only accuracy")
+
+
+def _log_calibration(calibration: dict[str, Any]) -> None:
+    nll, reject = calibration["val_nll"], calibration["reject"]
+    log.info(f"calibration: temperature {calibration['temperature']:.3f} (val NLL {nll['before']:.4f} -> "
+             f"{nll['after']:.4f})" + (f"; predict --reject auto answers 'unknown' below confidence "
+                                       f"{reject['threshold']:.3f} ({reject['coverage']:.0%} of val answered at "
+                                       f"{reject['precision']:.1%} precision)" if reject.get("threshold") is not None
+                                       else "; no confidence threshold reaches train.reject_precision on val"))
 
 
 def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str, Any], epoch: int,
@@ -559,7 +568,11 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         result.update(world_size=distributed.world_size, ranks_in_sync=len(set(checksums)) == 1)
     if is_main:
         split = "test" if "test" in source.splits else "val"
-        final = evaluate(run_dir, split, device=str(runtime.device))
+        if config.train.calibrate:
+            calibration = calibrate(run_dir, device=str(runtime.device), target_precision=config.train.reject_precision)
+            _log_calibration(calibration)
+        # the quick figures only: Grad-CAM and t-SNE come with `imgcls eval` and `imgcls report`
+        final = evaluate(run_dir, split, device=str(runtime.device), explain=False)
         artifact = run_dir / "checkpoints" / "model.safetensors"
         state_dict, metadata = load_artifact(artifact)
         metadata["metrics"].update({f"{split}_{key}": value for key, value in final.items()})
