@@ -32,7 +32,8 @@ from imgcls.models import (
 )
 from imgcls.runtime import Distributed, Runtime, rng_state, seed_everything, set_rng_state, set_threads
 from imgcls.tracking import (
-    StepProgress, append_metrics, create_run_dir, environment, setup_logging, truncate_metrics, update_summary,
+    ExperimentLoggers, StepProgress, append_metrics, create_run_dir, environment, setup_logging, truncate_metrics,
+    update_summary,
 )
 
 __all__ = ["train", "train_one_epoch", "cosine_with_warmup", "cache_dataset", "build_model"]
@@ -377,23 +378,38 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
     if distributed.is_main:
         (run_dir / "env.json").write_text(json.dumps(env, indent=2))
         update_summary(run_dir, status="running", run=str(run_dir), started=env["created"], error=None)
+    loggers = None  # TensorBoard / MLflow, on rank 0 only
+
+    def open_loggers() -> None:
+        nonlocal loggers
+        loggers = ExperimentLoggers(config.tracking, run_dir, config_to_dict(config), run_dir.name,
+                                    checkpoint["epoch"] if checkpoint is not None else 0)
+
     try:
-        result = _fit(config, run_dir, source, runtime, env, checkpoint)
+        _on_main(distributed, open_loggers)  # a bad tracking URI stops every rank with the same message
+        result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers)
     except KeyboardInterrupt:
         if distributed.is_main:
             update_summary(run_dir, status="interrupted", ended=environment()["created"])
             log.warning(f"interrupted; continue with: imgcls train --resume {run_dir}")
+            if loggers is not None:
+                loggers.finish("KILLED")
         raise
     except BaseException as error:
         if distributed.is_main:
             update_summary(run_dir, status="failed", ended=environment()["created"], error=f"{type(error).__name__}: {error}")
+            if loggers is not None:
+                loggers.finish("FAILED")
         raise
     if distributed.is_main:
         update_summary(run_dir, status="completed", ended=environment()["created"], **result)
+        if loggers is not None:  # after the summary, so MLflow gets the final summary.json
+            loggers.finish("FINISHED", run_dir / "checkpoints" / "model.safetensors")
     return run_dir
 
 
-def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None) -> dict:
+def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None,
+         loggers: ExperimentLoggers | None) -> dict:
     distributed = runtime.distributed
     is_main = distributed.is_main
     # ---- data: decode (once), check, and build the loaders
@@ -531,6 +547,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         rng = distributed.gather(rng_state())
         if is_main:
             append_metrics(run_dir / "metrics.csv", row)
+            if loggers is not None:
+                loggers.log_epoch(epoch, row)
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
@@ -577,6 +595,9 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         state_dict, metadata = load_artifact(artifact)
         metadata["metrics"].update({f"{split}_{key}": value for key, value in final.items()})
         save_artifact(artifact, state_dict, metadata)
+        if loggers is not None:
+            loggers.log_final({f"{split}_{key}": value for key, value in final.items() if key != "n"}, step=row["epoch"])
+            loggers.log_image(f"confusion/{split}", run_dir / f"confusion_{split}.png", row["epoch"])
         log.info(f"best {monitor} {best:.4f} at epoch {best_epoch}; {split} acc1 {final['acc1']:.4f}")
         log.info(f"results: {run_dir}  (metrics.csv, predictions_{split}.csv, confusion_{split}.png, checkpoints/)")
         result[f"{split}_metrics"] = final
