@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?= train.epochs=5 data.augment=none
 
-.PHONY: install demo test test-fast clean fashion-mnist-data
+.PHONY: install demo test test-fast clean fashion-mnist-data browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,13 +25,22 @@ fashion-mnist-data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (or imgcls downloads it when online)"; fi; \
 	fi
 
-demo: install fashion-mnist-data
-	$(BIN)/imgcls train fashion-mnist $(DEMO_ARGS)
+# The report test opens report.html in headless Chromium (Debian's chromium + chromium-driver).
+browser:
+	@if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -qq chromium chromium-driver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)) >/dev/null; \
+	  else echo "Chromium missing: run 'sudo apt-get install chromium chromium-driver' (the report test needs it)"; fi; \
+	fi
 
-test: install
+demo: install fashion-mnist-data
+	$(BIN)/imgcls train fashion-mnist run.name=demo-$$(date +%Y%m%d-%H%M%S) $(DEMO_ARGS)
+	$(BIN)/imgcls report $$(ls -td runs/demo-*/ | head -1)
+
+test: install browser
 	$(BIN)/python -m pytest
 
-test-fast: install
+test-fast: install browser
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -67,6 +68,29 @@ def _eval(args: argparse.Namespace) -> int:
                        explain=not args.no_explain, layer=args.layer)
     if args.json:
         print(json.dumps(metrics))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import csv
+
+    from imgcls.evaluate import evaluate
+    from imgcls.report import write_report
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ImgclsError(f"{run} is not a run folder (no config.yaml); give runs/NAME")
+    split = args.split
+    if split is None:  # train.py's choice: test, or val for data without a test split
+        with open(run / "splits.csv", newline="") if (run / "splits.csv").is_file() else open(os.devnull) as handle:
+            splits = {row["split"] for row in csv.DictReader(handle)}
+        split = "test" if "test" in splits or not splits else "val"
+    own_split = "_" not in split  # "<folder>_<split>" tags come from `imgcls eval --data`, which must be re-run
+    if own_split and (args.refresh or not (run / f"gradcam_{split}.png").is_file()):
+        log.info(f"evaluating {split} with explanations (Grad-CAM, activation maps, t-SNE) for the report")
+        evaluate(run, split=split, device=args.device, quiet=True, layer=args.layer)
+    path = write_report(run, split, args.out)
+    log.info(f"report: {path}  (self-contained: open it in any browser, share the one file)")
     return 0
 
 
@@ -174,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-explain", action="store_true", help="skip Grad-CAM, activation maps and t-SNE")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_eval)
+
+    report = commands.add_parser("report", help="one self-contained report.html: curves, errors, calibration, Grad-CAM",
+                                 description="Write runs/NAME/report.html (images embedded, opens from disk). "
+                                             "Evaluates the split first when its Grad-CAM figure is missing.")
+    report.add_argument("run", help="run folder")
+    report.add_argument("--split", help="evaluated split or tag to report (default: test, else val)")
+    report.add_argument("--out", help="where to write the HTML (default: RUN/report.html)")
+    report.add_argument("--refresh", action="store_true", help="evaluate again even if the figures exist")
+    report.add_argument("--layer", help="module for the activation maps (see imgcls eval --layer)")
+    report.add_argument("--device", default="auto")
+    report.set_defaults(handler=_report)
 
     predict = commands.add_parser("predict", help="top-k labels for image files, folders or globs")
     predict.add_argument("run", help="run folder or model.safetensors")
