@@ -71,6 +71,63 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ImgclsError(f"--seeds {text}: give integers separated by commas, e.g. --seeds 42,123,777") from None
+
+
+def _split_data(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """DATA is optional when a config file or --resume gives it: then the first override lands in it."""
+    overrides, data = list(args.overrides), args.data
+    if data and "=" in data:
+        overrides.insert(0, data)
+        data = None
+    return data, overrides
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from imgcls.sweep import sweep
+
+    data, overrides = _split_data(args)
+    if data:
+        overrides.insert(0, f"data.path={data}")
+    sweep(args.config, overrides, _seeds(args.seeds), name=args.name, jobs=args.jobs, resume=args.resume)
+    return 0
+
+
+def _cv(args: argparse.Namespace) -> int:
+    from imgcls.sweep import cross_validate
+
+    data, overrides = _split_data(args)
+    if not data and not args.resume:
+        raise ImgclsError("imgcls cv needs DATA (a folder, CSV or packaged dataset), or --resume FOLDER")
+    cross_validate(data, args.config, overrides, folds=args.folds, name=args.name, jobs=args.jobs, resume=args.resume)
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from imgcls.sweep import tune
+
+    data, overrides = _split_data(args)
+    tune(data, args.config, overrides, trials=args.trials, space_file=args.space, name=args.name, jobs=args.jobs,
+         resume=args.resume)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from imgcls.compare import compare
+
+    result = compare(args.runs, split=args.split, csv_path=args.csv, markdown_path=args.markdown,
+                     ignore=args.ignore or (), quiet=args.json)
+    if args.json:
+        print(json.dumps(result))
+    for path in result["files"]:
+        log.info(f"wrote {path}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     import csv
 
@@ -198,6 +255,51 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-explain", action="store_true", help="skip Grad-CAM, activation maps and t-SNE")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_eval)
+
+    def add_many_runs_flags(command: argparse.ArgumentParser, kind: str) -> None:
+        command.add_argument("data", nargs="?", help="folder, CSV manifest or packaged dataset")
+        command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+        command.add_argument("-c", "--config", help="YAML config file")
+        command.add_argument("--name", help=f"folder name under runs/{kind}/ (the same name again resumes it)")
+        command.add_argument("--resume", metavar="FOLDER", help=f"continue an interrupted {kind[:-1] if kind.endswith('s') else kind}")
+        command.add_argument("--jobs", type=int, default=1,
+                             help="runs in parallel processes, each on its own CPU cores / GPU (default 1)")
+
+    sweep = commands.add_parser("sweep", help="a config x a grid of values x seeds; then the comparison table",
+                                description="Every combination of the grid (key=a,b,c) and seed is a run folder in "
+                                            "runs/sweeps/NAME/; running it again resumes. Ends with imgcls compare.")
+    add_many_runs_flags(sweep, "sweeps")
+    sweep.add_argument("--seeds", default="42,123,777", help="comma-separated seeds (default 42,123,777)")
+    sweep.set_defaults(handler=_sweep)
+
+    cv = commands.add_parser("cv", help="stratified k-fold cross-validation with out-of-fold predictions",
+                             description="A run per fold in runs/cv/NAME/ (train on K-1 folds, validate on one); "
+                                         "mean ± std over folds; oof_predictions.csv for every training image.")
+    add_many_runs_flags(cv, "cv")
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.set_defaults(handler=_cv)
+
+    tune = commands.add_parser("tune", help="hyper-parameter search with Optuna (TPE, pruning), resumable",
+                               description="Optuna TPE search with median pruning on the per-epoch validation "
+                                           "metric; the study is runs/tune/NAME/study.db; writes best_config.yaml.")
+    add_many_runs_flags(tune, "tune")
+    tune.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
+    tune.add_argument("--space", help="search space YAML (default: lr, weight decay, label smoothing, augment)")
+    tune.set_defaults(handler=_tune)
+
+    compare = commands.add_parser("compare", help="mean ± std per configuration, and whether the best two differ",
+                                  description="Group runs by configuration (seeds apart): n, mean ± std of test "
+                                              "top-1, top-5, loss, macro-F1, ECE; paired bootstrap and McNemar test "
+                                              "between the two best configurations.")
+    compare.add_argument("runs", nargs="+", help="run folders, sweep folders or any folder holding runs")
+    compare.add_argument("--split", default="test", help="evaluated split to compare (default test)")
+    compare.add_argument("--csv", help="write the table as CSV here")
+    compare.add_argument("--markdown", help="write the table and the statement as Markdown here")
+    compare.add_argument("--ignore", action="append", metavar="KEY",
+                         help="a config key that does not make a different configuration (repeatable), "
+                              "e.g. data.path to compare the folds of a cv folder as repeats")
+    compare.add_argument("--json", action="store_true", help="print the groups and the paired test as JSON")
+    compare.set_defaults(handler=_compare)
 
     report = commands.add_parser("report", help="one self-contained report.html: curves, errors, calibration, Grad-CAM",
                                  description="Write runs/NAME/report.html (images embedded, opens from disk). "

@@ -67,6 +67,10 @@ class DataConfig:
     """Share of the training images held out for validation when the data has no val split."""
     test_fraction: float = 0.1
     """Share held out for testing when the data is a single folder of class folders with no splits."""
+    split_seed: int = 0
+    """Seed of the splits made for data without them (val, test, the `data.fraction` subset, the folds
+    of `imgcls cv`). Apart from `seed` on purpose: runs with different seeds are then compared on the
+    same images."""
     on_bad_image: Literal["skip", "fail"] = "skip"
     """Unreadable images: `skip` lists them in a warning and leaves them out; `fail` stops."""
     cache: Literal["auto", "on", "off"] = "auto"
@@ -247,6 +251,10 @@ def _merge(base: DictConfig, other: Any, source: str, key: str = "?") -> DictCon
         raise _explain(error, source, key) from error
 
 
+# words YAML 1.1 turns into booleans; a boolean key still accepts them as strings ("on" -> True)
+_YAML_BOOLEAN_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
 def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated Config from defaults, an optional YAML file and `key=value` overrides.
 
@@ -266,6 +274,9 @@ def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         if "=" not in override:
             raise ImgclsError(f"override '{override}' is not key=value (e.g. train.epochs=5)")
+        key, _, value = override.partition("=")
+        if value.lower() in _YAML_BOOLEAN_WORDS:  # YAML 1.1 reads `off` as False: `data.cache=off` means the word
+            override = f'{key}="{value}"'
         try:
             dotlist = OmegaConf.from_dotlist([override])
         except OmegaConfBaseException as error:

@@ -19,6 +19,7 @@ from imgcls.errors import ImgclsError
 from imgcls.runtime import Runtime
 
 __all__ = ["predict_loader", "compute_metrics", "per_class_report", "evaluate", "calibrate", "save_curves",
+           "predict_split",
            "save_confusion_png"]
 
 log = logging.getLogger("imgcls")
@@ -253,7 +254,7 @@ def _run_folder(run: str | Path) -> Path:
     return Path(run) if Path(run).is_dir() else Path(run).parent
 
 
-def _split_logits(classifier, run_dir: Path, split: str, data: str | None, batch_size: int):
+def predict_split(classifier, run_dir: Path, split: str, data: str | None, batch_size: int):
     """Predict one split of the run's own data (its splits.csv) or of another dataset `data`.
 
     Returns:
@@ -310,7 +311,7 @@ def calibrate(run: str | Path, device: str = "auto", target_precision: float = 0
     from imgcls.predict import find_artifact, load
 
     classifier = load(run, device)
-    _, logits, labels, _, _ = _split_logits(classifier, _run_folder(run), "val", None, batch_size)
+    _, logits, labels, _, _ = predict_split(classifier, _run_folder(run), "val", None, batch_size)
     errors = int((logits.argmax(dim=1) != labels).sum())
     # a temperature fitted on a split without errors only sharpens (T < 1): overconfident on new data
     temperature = analyze.fit_temperature(logits, labels) if errors and len(labels) >= 20 else 1.0
@@ -349,7 +350,7 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
 
     classifier = load(run, device)
     run_dir = _run_folder(run)
-    dataset, logits, labels, tag, title = _split_logits(classifier, run_dir, split, data, batch_size)
+    dataset, logits, labels, tag, title = predict_split(classifier, run_dir, split, data, batch_size)
     metrics = compute_metrics(logits, labels)
     report = per_class_report(logits, labels, classifier.class_names)
     calibration = classifier.metadata.get("calibration") or {}

@@ -36,7 +36,7 @@ from imgcls.tracking import (
     update_summary,
 )
 
-__all__ = ["train", "train_one_epoch", "cosine_with_warmup", "cache_dataset", "build_model"]
+__all__ = ["train", "train_one_epoch", "cosine_with_warmup", "cache_dataset", "build_model", "RunStopped"]
 
 log = logging.getLogger("imgcls")
 
@@ -275,8 +275,9 @@ def resolve_data(config: Config) -> tuple[Config, DataSource]:
     """The data a config names, split and subsampled, and the config with its automatic choices made.
     Shared by training and `imgcls cache`, so the cache holds exactly the files training will read."""
     source = resolve_source(config.data.path)
-    source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.seed)
-    source = subsample_train(source, config.data.fraction, config.data.per_class_limit, config.seed)
+    # split_seed, not seed: every seed of a sweep trains and tests on the same images
+    source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
+    source = subsample_train(source, config.data.fraction, config.data.per_class_limit, config.data.split_seed)
     return _resolve_auto(config, source), source
 
 
@@ -339,8 +340,13 @@ def parameters_checksum(model: nn.Module) -> float:
 # train()
 
 
+class RunStopped(Exception):
+    """Raised by an `on_epoch` callback to end a run early (a hyper-parameter search pruning a trial);
+    the run folder is marked `stopped` with the message as the reason."""
+
+
 def train(config: Config | None = None, *, resume: str | Path | None = None, overrides: list[str] = (),
-          force: bool = False) -> Path:
+          force: bool = False, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """Train a classifier and return its run folder. Under `torchrun`, every process calls this and
     they train one model together (DistributedDataParallel); rank 0 writes the run folder.
 
@@ -349,19 +355,22 @@ def train(config: Config | None = None, *, resume: str | Path | None = None, ove
         resume: a run folder to continue from its `checkpoints/last.ckpt`.
         overrides: with `resume`, `key=value` changes allowed on resume (e.g. `train.epochs=20`).
         force: replace an existing run folder of the same explicit `run.name`.
+        on_epoch: called on rank 0 after every epoch with (epoch, the metrics.csv row); it may raise
+            `RunStopped` to end the run (no final evaluation).
     Raises:
         ImgclsError: bad data, config or run folder.
+        RunStopped: `on_epoch` stopped the run.
     """
     distributed = Distributed.from_environment()
     set_threads(distributed.local_world_size)
     try:
-        return _train(config, resume, list(overrides), force, distributed)
+        return _train(config, resume, list(overrides), force, distributed, on_epoch)
     finally:
         distributed.shutdown()
 
 
 def _train(config: Config | None, resume: str | Path | None, overrides: list[str], force: bool,
-           distributed: Distributed) -> Path:
+           distributed: Distributed, on_epoch: Callable[[int, dict[str, float]], None] | None) -> Path:
     checkpoint = None
     if resume is not None:
         config, run_dir, source, checkpoint = _resume_run(resume, overrides)  # every rank reads the files
@@ -387,7 +396,14 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
 
     try:
         _on_main(distributed, open_loggers)  # a bad tracking URI stops every rank with the same message
-        result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers)
+        result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch)
+    except RunStopped as stopped:
+        if distributed.is_main:
+            update_summary(run_dir, status="stopped", ended=environment()["created"], error=str(stopped))
+            log.info(f"stopped: {stopped}")
+            if loggers is not None:
+                loggers.finish("KILLED")
+        raise
     except KeyboardInterrupt:
         if distributed.is_main:
             update_summary(run_dir, status="interrupted", ended=environment()["created"])
@@ -409,7 +425,7 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
 
 
 def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None,
-         loggers: ExperimentLoggers | None) -> dict:
+         loggers: ExperimentLoggers | None, on_epoch: Callable[[int, dict[str, float]], None] | None) -> dict:
     distributed = runtime.distributed
     is_main = distributed.is_main
     # ---- data: decode (once), check, and build the loaders
@@ -574,6 +590,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             log.warning(f"{stats['data_wait']:.0%} of the step time was spent waiting for data; "
                         "use data.cache=on, a smaller image size, or more data.workers")
         last_epoch_seconds = row["epoch_seconds"]
+        if on_epoch is not None and is_main:
+            on_epoch(epoch, row)  # may raise RunStopped
         if config.train.patience is not None and stale_epochs >= config.train.patience:
             log.info(f"early stop: {monitor} has not improved for {stale_epochs} epochs (best at epoch {best_epoch})")
             break

@@ -1,0 +1,527 @@
+"""Honest model selection: many runs instead of one lucky one.
+
+- `sweep`: a config times a grid of values (`optim.lr=1e-3,3e-4`) times seeds;
+- `cross_validate`: stratified k-fold, one run per fold, and out-of-fold predictions;
+- `tune`: hyper-parameter search with Optuna (TPE, median pruning), the study in SQLite.
+
+Every run is a normal run folder inside the sweep's folder (`runs/sweeps/NAME/`, `runs/cv/NAME/`,
+`runs/tune/NAME/`), so `imgcls eval`, `report` and `compare` work on each. Doing it again resumes:
+finished runs are kept, interrupted ones continue from their last checkpoint. Runs go one after
+another in this process; with `jobs` > 1 they run as parallel processes, each pinned to its own share
+of the CPU cores (and GPUs), so threads never oversubscribe the machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgcls.config import Config, load_config, save_config, valid_keys
+from imgcls.errors import ImgclsError
+from imgcls.tracking import create_run_dir, read_summary, setup_logging
+
+__all__ = ["PlannedRun", "parse_grid", "sweep", "cross_validate", "tune", "load_search_space", "run_all"]
+
+log = logging.getLogger("imgcls")
+
+DEFAULT_SEARCH_SPACE = {
+    "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    "optim.weight_decay": {"low": 1e-3, "high": 0.2, "log": True},
+    "loss.label_smoothing": {"low": 0.0, "high": 0.2},
+    "data.augment": ["none", "light", "standard"],
+}
+
+
+@dataclass
+class PlannedRun:
+    """One run of a sweep: its folder name and the overrides applied to the sweep's base config."""
+
+    name: str
+    overrides: list[str]
+
+
+# ----------------------------------------------------------------------------------------------------
+# running a list of runs, resumably, in this process or in parallel processes
+
+
+def _state(run_dir: Path) -> str:
+    """completed, resumable (a checkpoint to continue from), or new (nothing usable: start over)."""
+    if not run_dir.exists():
+        return "new"
+    status = read_summary(run_dir).get("status")
+    if status == "completed":
+        return "completed"
+    if not (run_dir / "checkpoints" / "last.ckpt").exists() or not (run_dir / "config.yaml").exists():
+        return "new"
+    # stopped after its last epoch (during the final evaluation): nothing left to resume, train again
+    from imgcls.tracking import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
+    last_epoch = int(rows[-1]["epoch"]) if rows else 0
+    return "resumable" if last_epoch < load_config(run_dir / "config.yaml").train.epochs else "new"
+
+
+def _train_here(base: Path, folder: Path, run: PlannedRun, state: str) -> None:
+    from imgcls.train import train
+
+    if state == "resumable":
+        train(resume=folder / run.name)
+    else:
+        train(load_config(base, [*run.overrides, f"run.dir={folder}", f"run.name={run.name}"]), force=True)
+
+
+def _command(base: Path, folder: Path, run: PlannedRun, state: str) -> list[str]:
+    if state == "resumable":
+        return [sys.executable, "-m", "imgcls", "train", "--resume", str(folder / run.name)]
+    return [sys.executable, "-m", "imgcls", "train", "-c", str(base), *run.overrides, f"run.dir={folder}",
+            f"run.name={run.name}", "--force"]
+
+
+def worker_slots(jobs: int) -> list[dict[str, Any]]:
+    """How `jobs` parallel processes share the machine: disjoint sets of CPU cores (imgcls sizes its
+    threads from the process's core affinity) and, when there are GPUs, one GPU each, round robin."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if jobs > len(cores):
+        raise ImgclsError(f"--jobs {jobs} is more than the {len(cores)} CPU cores this process may use")
+    import torch
+
+    gpus = torch.cuda.device_count()
+    share = len(cores) // jobs
+    return [{"cores": set(cores[slot * share:(slot + 1) * share]), "gpu": slot % gpus if gpus else None}
+            for slot in range(jobs)]
+
+
+def _start(command: list[str], slot: dict[str, Any], log_path: Path) -> subprocess.Popen:
+    environment = dict(os.environ)
+    if slot["gpu"] is not None:
+        environment["CUDA_VISIBLE_DEVICES"] = str(slot["gpu"])
+    cores = slot["cores"]
+    with open(log_path, "w") as output:
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment,
+                                preexec_fn=lambda: os.sched_setaffinity(0, cores))
+
+
+def run_all(base: Path, folder: Path, runs: list[PlannedRun], jobs: int = 1) -> dict[str, str]:
+    """Train every planned run that is not finished yet; returns run name -> final status. A run that
+    fails is reported and the others go on; Ctrl-C stops the sweep (run it again to resume)."""
+    states = {run.name: _state(folder / run.name) for run in runs}
+    done = [name for name, state in states.items() if state == "completed"]
+    if done:
+        log.info(f"{len(done)} of {len(runs)} runs already completed: kept")
+    pending = [run for run in runs if states[run.name] != "completed"]
+    if jobs <= 1:
+        for index, run in enumerate(pending, start=1):
+            log.info(f"[{len(done) + index}/{len(runs)}] {run.name}"
+                     + (" (resuming)" if states[run.name] == "resumable" else ""))
+            try:
+                _train_here(base, folder, run, states[run.name])
+            except ImgclsError as error:  # this run's problem; the others may still work
+                log.error(f"{run.name} failed: {error}")
+            setup_logging(folder)  # training logged into the run's log.txt; the sweep's own log again
+    else:
+        _run_parallel(base, folder, pending, states, jobs)
+    return {run.name: read_summary(folder / run.name).get("status", "missing") for run in runs}
+
+
+def _run_parallel(base: Path, folder: Path, pending: list[PlannedRun], states: dict[str, str], jobs: int) -> None:
+    (folder / "logs").mkdir(exist_ok=True)
+    free = worker_slots(jobs)
+    queue, running = list(pending), []
+    try:
+        while queue or running:
+            while queue and free:
+                run, slot = queue.pop(0), free.pop(0)
+                log_path = folder / "logs" / f"{run.name}.txt"
+                running.append((run, slot, _start(_command(base, folder, run, states[run.name]), slot, log_path)))
+                log.info(f"started {run.name} on cores {sorted(slot['cores'])}" +
+                         (f", GPU {slot['gpu']}" if slot["gpu"] is not None else "") + f" (output: {log_path})")
+            time.sleep(0.5)
+            for item in [item for item in running if item[2].poll() is not None]:
+                running.remove(item)
+                free.append(item[1])
+                run, code = item[0], item[2].returncode
+                log.info(f"{run.name} " + ("completed" if code == 0 else f"failed (exit {code}; see logs/{run.name}.txt)"))
+    finally:  # Ctrl-C: stop the children too (their last checkpoints let the sweep resume)
+        for _, _, process in running:
+            process.terminate()
+        for _, _, process in running:
+            process.wait()
+
+
+# ----------------------------------------------------------------------------------------------------
+# sweep: config x grid x seeds
+
+
+def parse_grid(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split `key=value` overrides into fixed ones and grid axes (`key=a,b,c`, as Hydra's multirun).
+    A bracketed value (`[1,2]`) is one list value, not an axis."""
+    fixed, grid = [], {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if "," in value and not value.strip().startswith(("[", "{")):
+            grid[key] = [part.strip() for part in value.split(",") if part.strip()]
+        else:
+            fixed.append(override)
+    return fixed, grid
+
+
+def _value_label(value: str) -> str:
+    return value.replace("/", "-").replace(" ", "")
+
+
+def plan_sweep(grid: dict[str, list[str]], seeds: list[int]) -> list[PlannedRun]:
+    """One run per (grid combination, seed), named by its values: `optim.lr=0.001_seed=42`."""
+    runs = []
+    for values in itertools.product(*grid.values()) if grid else [()]:
+        pairs = [f"{key}={value}" for key, value in zip(grid, values)]
+        label = "_".join(f"{key}={_value_label(value)}" for key, value in zip(grid, values))
+        for seed in seeds:
+            runs.append(PlannedRun(f"{label}_seed={seed}" if label else f"seed={seed}", [*pairs, f"seed={seed}"]))
+    return runs
+
+
+def _open_folder(kind: str, resume: str | Path | None, name: str | None, default_name: str, root: str,
+                 plan: dict[str, Any]) -> Path:
+    """The sweep's folder: a new one (with plan.json), or an existing one to resume, which must hold
+    the same plan (resuming with other settings would mix two experiments in one table)."""
+    if resume is not None:
+        folder = Path(resume)
+        if not (folder / "plan.json").is_file():
+            raise ImgclsError(f"cannot resume {folder}: no plan.json there (is it an imgcls {kind} folder?)")
+        return folder
+    if name is not None and (Path(root) / kind / name / "plan.json").is_file():
+        folder = Path(root) / kind / name
+        stored = json.loads((folder / "plan.json").read_text())
+        if stored != json.loads(json.dumps(plan)):
+            raise ImgclsError(f"{folder} holds a different {kind}; choose another --name, or resume it with "
+                              f"--resume {folder}")
+        return folder
+    folder = create_run_dir(Path(root) / kind, name, default_name)
+    (folder / "plan.json").write_text(json.dumps(plan, indent=2))
+    return folder
+
+
+def sweep(config_file: str | None, overrides: list[str], seeds: list[int], name: str | None = None,
+          jobs: int = 1, resume: str | Path | None = None) -> Path:
+    """Train the base config (file + fixed overrides) for every grid combination and seed, then
+    compare the configurations. Returns the sweep folder.
+
+    Raises:
+        ImgclsError: a bad config or grid value (checked for every combination before any training).
+    """
+    if resume is not None:
+        plan = json.loads((Path(resume) / "plan.json").read_text()) if (Path(resume) / "plan.json").is_file() else {}
+    else:
+        fixed, grid = parse_grid(overrides)
+        plan = {"config": str(Path(config_file).resolve()) if config_file else None, "overrides": fixed,
+                "grid": grid, "seeds": seeds}
+    base_config = load_config(plan.get("config"), plan.get("overrides", []))
+    runs = plan_sweep(plan.get("grid", {}), plan.get("seeds", []))
+    for run in runs:  # every combination must be a valid config before hours of training start
+        load_config(plan.get("config"), [*plan.get("overrides", []), *run.overrides])
+    default_name = f"{Path(base_config.data.path or 'data').name}-{base_config.model.name}"
+    folder = _open_folder("sweeps", resume, name, default_name, base_config.run.dir, plan)
+    setup_logging(folder)
+    base = folder / "base.yaml"
+    save_config(base_config, base)
+    log.info(f"sweep {folder}: {len(runs)} runs ({len(runs) // max(1, len(plan['seeds']))} configurations x "
+             f"{len(plan['seeds'])} seeds)")
+    statuses = run_all(base, folder, runs, jobs)
+    _report_statuses(statuses)
+    from imgcls.compare import compare
+
+    compare([folder])
+    return folder
+
+
+def _report_statuses(statuses: dict[str, str]) -> None:
+    unfinished = {name: status for name, status in statuses.items() if status != "completed"}
+    if unfinished:
+        log.warning(f"{len(unfinished)} runs did not complete: "
+                    + ", ".join(f"{name} ({status})" for name, status in list(unfinished.items())[:5])
+                    + "; run the same command again to retry them")
+
+
+# ----------------------------------------------------------------------------------------------------
+# cross-validation
+
+
+def _write_fold_manifests(config: Config, folds: int, folder: Path) -> list[Path]:
+    """One manifest per fold (path,label,split): that fold is val, the other folds train, and the
+    data's test split (kept out of every fold) is test. Stratified, seeded by `data.split_seed`."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    from imgcls.data import assign_splits, resolve_source
+
+    source = assign_splits(resolve_source(config.data.path), config.data.val_fraction, config.data.test_fraction,
+                           config.data.split_seed)
+    pool = source.splits["train"] + source.splits.get("val", [])
+    labels = np.array([label for _, label in pool])
+    smallest = min(np.unique(labels, return_counts=True)[1])
+    if smallest < folds:
+        raise ImgclsError(f"--folds {folds}: a class has only {smallest} training images; use --folds {max(2, smallest)} "
+                          "or fewer")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.data.split_seed)
+    manifests = []
+    (folder / "folds").mkdir(exist_ok=True)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(pool)), labels), start=1):
+        held = set(held_out.tolist())
+        path = folder / "folds" / f"fold-{fold}.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "split"])
+            for index, (image, label) in enumerate(pool):
+                writer.writerow([os.path.abspath(image), label, "val" if index in held else "train"])
+            writer.writerows((os.path.abspath(image), label, "test") for image, label in source.splits.get("test", []))
+        manifests.append(path)
+    return manifests
+
+
+def cross_validate(data: str, config_file: str | None, overrides: list[str], folds: int = 5, name: str | None = None,
+                   jobs: int = 1, resume: str | Path | None = None) -> Path:
+    """Stratified k-fold cross-validation: a run per fold (trained on the other folds, validated on
+    its own), mean ± std over folds, and `oof_predictions.csv`: every training image predicted by the
+    model that did not train on it (for label-error detection). Returns the cv folder.
+
+    Raises:
+        ImgclsError: fewer than 2 folds, or a class with fewer images than folds.
+    """
+    if folds < 2:
+        raise ImgclsError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    plan = {"config": str(Path(config_file).resolve()) if config_file else None,
+            "overrides": [f"data.path={data}", *overrides], "folds": folds}
+    if resume is not None and (Path(resume) / "plan.json").is_file():
+        plan = json.loads((Path(resume) / "plan.json").read_text())
+    config = load_config(plan["config"], plan["overrides"])
+    folder = _open_folder("cv", resume, name, f"{Path(config.data.path).name}-{config.model.name}",
+                          config.run.dir, plan)
+    setup_logging(folder)
+    manifests = _write_fold_manifests(config, plan["folds"], folder)
+    base = folder / "base.yaml"
+    save_config(config, base)
+    runs = [PlannedRun(f"fold-{fold}", [f"data.path={manifest}"]) for fold, manifest in enumerate(manifests, start=1)]
+    log.info(f"cross-validation {folder}: {len(runs)} folds")
+    statuses = run_all(base, folder, runs, jobs)
+    _report_statuses(statuses)
+    finished = [run.name for run in runs if statuses[run.name] == "completed"]
+    if len(finished) < len(runs):
+        raise ImgclsError(f"{len(runs) - len(finished)} folds did not complete; run the same command again "
+                          f"(or --resume {folder}) to finish them")
+    _summarise_folds(folder, finished)
+    return folder
+
+
+def _summarise_folds(folder: Path, fold_names: list[str]) -> dict[str, Any]:
+    """oof_predictions.csv and cv_summary.json: per fold and mean ± std of val (the held-out fold) and
+    test metrics."""
+    import numpy as np
+    import torch
+
+    from imgcls.evaluate import compute_metrics, predict_split
+    from imgcls.predict import load
+
+    rows, per_fold = [], []
+    for fold, name in enumerate(fold_names, start=1):
+        classifier = load(folder / name)
+        dataset, logits, labels, _, _ = predict_split(classifier, folder / name, "val", None, 256)
+        probabilities = torch.softmax(logits, dim=1)  # the model's own probabilities, not temperature-scaled
+        names = classifier.class_names
+        for path, label, probability in zip(dataset.paths, labels.tolist(), probabilities.tolist()):
+            best = int(np.argmax(probability))
+            rows.append([path, names[label], fold, names[best], f"{probability[best]:.6f}", int(best == label),
+                         *(f"{value:.6f}" for value in probability)])
+        summary = read_summary(folder / name)
+        per_fold.append({"fold": fold, "run": name, **{f"val_{k}": v for k, v in compute_metrics(logits, labels).items()},
+                         **{f"test_{k}": v for k, v in (summary.get("test_metrics") or {}).items()}})
+    with open(folder / "oof_predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "fold", "predicted", "confidence", "correct", *(f"prob_{n}" for n in names)])
+        writer.writerows(rows)
+    keys = [key for key in per_fold[0] if key not in ("fold", "run") and isinstance(per_fold[0][key], (int, float))]
+    statistics = {key: {"mean": float(np.mean([f[key] for f in per_fold])),
+                        "std": float(np.std([f[key] for f in per_fold], ddof=1)) if len(per_fold) > 1 else None}
+                  for key in keys if all(key in f for f in per_fold)}
+    result = {"folds": per_fold, "mean_std": statistics, "oof_accuracy": float(np.mean([row[5] for row in rows])),
+              "oof_images": len(rows)}
+    (folder / "cv_summary.json").write_text(json.dumps(result, indent=2))
+    _print_cv(result)
+    return result
+
+
+def _print_cv(result: dict[str, Any]) -> None:
+    statistics = result["mean_std"]
+    for key in ("val_acc1", "val_macro_f1", "test_acc1", "test_macro_f1", "test_ece"):
+        if key in statistics:
+            spread = statistics[key]["std"]
+            log.info(f"{key:14s} {statistics[key]['mean']:.4f} ± {spread:.4f}" if spread is not None
+                     else f"{key:14s} {statistics[key]['mean']:.4f}")
+    log.info(f"out-of-fold accuracy {result['oof_accuracy']:.4f} on {result['oof_images']} training images "
+             "(oof_predictions.csv)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# tune: Optuna
+
+
+def load_search_space(path: str | None) -> dict[str, Any]:
+    """A YAML mapping of config keys to ranges: `{low, high[, log][, step]}` (ints when low and high
+    are integers) or a list of choices. None: `DEFAULT_SEARCH_SPACE`.
+
+    Raises:
+        ImgclsError: unreadable file, unknown config key, or a range without low/high.
+    """
+    if path is None:
+        return dict(DEFAULT_SEARCH_SPACE)
+    try:
+        space = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ImgclsError(f"cannot read search space {path}: {str(error).splitlines()[0]}") from error
+    if not isinstance(space, dict) or not space:
+        raise ImgclsError(f"search space {path} must map config keys to ranges, e.g. 'optim.lr: {{low: 1e-4, high: 1e-2, log: true}}'")
+    keys = valid_keys()
+    for key, spec in space.items():
+        if key not in keys:
+            from imgcls.config import _closest
+
+            raise ImgclsError(f"search space {path}: unknown config key '{key}'{_closest(key)}")
+        if not isinstance(spec, list) and not (isinstance(spec, dict) and {"low", "high"} <= set(spec)):
+            raise ImgclsError(f"search space {path}: '{key}' needs a list of choices or {{low, high}}")
+    return space
+
+
+def _suggest(trial, key: str, spec: Any) -> Any:
+    if isinstance(spec, list):
+        return trial.suggest_categorical(key, spec)
+    low, high = spec["low"], spec["high"]
+    if isinstance(low, int) and isinstance(high, int):
+        return trial.suggest_int(key, low, high, step=spec.get("step", 1), log=bool(spec.get("log", False)))
+    return trial.suggest_float(key, float(low), float(high), log=bool(spec.get("log", False)),
+                               step=spec.get("step"))
+
+
+def _objective(base: Path, folder: Path, fixed: list[str], space: dict[str, Any], monitor: str):
+    import optuna
+
+    from imgcls.train import RunStopped, train
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {key: _suggest(trial, key, spec) for key, spec in space.items()}
+        overrides = [*fixed, *(f"{key}={value}" for key, value in values.items()),
+                     f"run.dir={folder}", f"run.name=trial-{trial.number:03d}"]
+
+        def report(epoch: int, row: dict[str, float]) -> None:
+            trial.report(row[monitor], epoch)
+            if trial.should_prune():
+                raise RunStopped(f"pruned by Optuna at epoch {epoch} ({monitor} {row[monitor]:.4f})")
+
+        try:
+            run = train(load_config(base, overrides), force=True, on_epoch=report)
+        except RunStopped:
+            raise optuna.TrialPruned() from None
+        best = read_summary(run)["best"][monitor]
+        if best is None or not math.isfinite(best):
+            raise optuna.TrialPruned()  # diverged: nothing to learn from its value
+        return best
+
+    return objective
+
+
+def tune(data: str | None, config_file: str | None, overrides: list[str], trials: int, space_file: str | None = None,
+         name: str | None = None, jobs: int = 1, resume: str | Path | None = None) -> Path:
+    """Search hyper-parameters with Optuna: TPE sampling, median pruning on the per-epoch validation
+    metric (`train.monitor`), the study in `study.db` (SQLite) in the tune folder, so running again
+    resumes it. Writes `best_config.yaml` (for `imgcls train -c`) and `trials.csv`. Returns the folder.
+
+    Raises:
+        ImgclsError: optuna missing, a bad search space, or no trial completed.
+    """
+    try:
+        import optuna
+    except ImportError:
+        raise ImgclsError("imgcls tune needs Optuna: pip install optuna (or pip install 'imgcls[tune]')") from None
+    if resume is not None and (Path(resume) / "plan.json").is_file():
+        plan = json.loads((Path(resume) / "plan.json").read_text())
+    else:
+        plan = {"config": str(Path(config_file).resolve()) if config_file else None,
+                "overrides": ([f"data.path={data}"] if data else []) + list(overrides),
+                "space": load_search_space(space_file), "trials": trials}
+    config = load_config(plan["config"], plan["overrides"])
+    folder = _open_folder("tune", resume, name, f"{Path(config.data.path or 'data').name}-{config.model.name}",
+                          config.run.dir, plan)
+    setup_logging(folder)
+    base = folder / "base.yaml"
+    save_config(config, base)
+    monitor = config.train.monitor
+    study = optuna.create_study(
+        storage=f"sqlite:///{folder.resolve() / 'study.db'}", study_name="imgcls", load_if_exists=True,
+        direction="minimize" if monitor.endswith("loss") else "maximize",
+        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    )
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    stop_at_total = optuna.study.MaxTrialsCallback(plan["trials"], states=finished_states)
+    log.info(f"tune {folder}: {plan['trials']} trials, {monitor}, study in {folder / 'study.db'}")
+    if jobs > 1:
+        _tune_in_parallel(folder, jobs)
+    else:
+        remaining = plan["trials"] - sum(trial.state in finished_states for trial in study.trials)
+        if remaining > 0:  # the callback stops parallel workers at the total; this never starts a surplus trial
+            study.optimize(_objective(base, folder, [], plan["space"], monitor), n_trials=remaining,
+                           callbacks=[stop_at_total], catch=(ImgclsError,))
+        else:
+            log.info(f"all {plan['trials']} trials are done")
+    return _finish_tune(folder, config, plan, study, monitor)
+
+
+def _tune_in_parallel(folder: Path, jobs: int) -> None:
+    """`jobs` worker processes on the one SQLite study, each on its own cores (`imgcls tune --resume`)."""
+    processes = []
+    (folder / "logs").mkdir(exist_ok=True)
+    for slot_index, slot in enumerate(worker_slots(jobs)):
+        command = [sys.executable, "-m", "imgcls", "tune", "--resume", str(folder)]
+        processes.append(_start(command, slot, folder / "logs" / f"worker-{slot_index + 1}.txt"))
+    try:
+        for process in processes:
+            process.wait()
+    finally:
+        for process in processes:
+            process.terminate()
+
+
+def _finish_tune(folder: Path, config: Config, plan: dict[str, Any], study, monitor: str) -> Path:
+    import optuna
+
+    study = optuna.load_study(storage=f"sqlite:///{folder.resolve() / 'study.db'}", study_name="imgcls")
+    with open(folder / "trials.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["number", "state", monitor, "last_epoch", *plan["space"]])
+        for trial in study.trials:
+            last = max(trial.intermediate_values) if trial.intermediate_values else ""
+            writer.writerow([trial.number, trial.state.name, trial.value if trial.value is not None else "", last,
+                             *(trial.params.get(key, "") for key in plan["space"])])
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise ImgclsError(f"no trial of {folder} completed; see trials.csv and the trial folders' log.txt")
+    counts = {state: sum(t.state.name == state for t in study.trials) for state in ("COMPLETE", "PRUNED", "FAIL")}
+    best = study.best_trial
+    best_config = load_config(plan["config"], [*plan["overrides"], *(f"{k}={v}" for k, v in best.params.items()),
+                                               "run.name=null"])
+    save_config(best_config, folder / "best_config.yaml")
+    log.info(f"{counts['COMPLETE']} trials completed, {counts['PRUNED']} pruned, {counts['FAIL']} failed; best: "
+             f"trial {best.number} {monitor} {best.value:.4f} with "
+             + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()))
+    log.info(f"train it: imgcls train -c {folder / 'best_config.yaml'}")
+    return folder
