@@ -442,7 +442,10 @@ def _print_table(groups: list[Group], split: str, note: str) -> None:
         table.add_column(header, justify="left" if index in (0, 2) else "right")
     for group in groups:
         table.add_row(*(Text(cell) for cell in _table_cells(group)))  # Text: labels are not rich markup
-    console = Console()
+    from imgcls.tracking import on_terminal
+
+    # piped or logged: rich would squeeze the table into 80 columns; a log file can be wide
+    console = Console() if on_terminal() else Console(width=200)
     console.print(table)
     console.print(note, markup=False, highlight=False)
 
