@@ -182,3 +182,12 @@ def test_cache_command_prepares_what_training_then_reuses(shapes_folder, run_roo
     assert [p.name for p in (tmp_path / "cache" / "decoded").iterdir()] == [cache.name]
     assert (cache / "images.u8").stat().st_mtime_ns == written
     assert "decoding 120 images" not in caplog.text
+
+
+def test_the_python_api_exposes_every_command():
+    import imgcls
+
+    for name in ("train", "evaluate", "predict", "load", "write_report", "calibrate", "find_learning_rate",
+                 "sweep", "cross_validate", "tune", "compare", "list_models", "load_config"):
+        assert callable(getattr(imgcls, name)), name
+    assert set(imgcls.__all__) >= {"write_report", "sweep", "compare", "tune", "cross_validate"}
