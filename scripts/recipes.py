@@ -9,7 +9,7 @@
 Every setting runs over the same seeds; results are mean ± std, and each setting's resolved config is
 saved beside the table in docs/recipes/.
 
-    .venv/bin/python scripts/recipes.py                     # ~20 min on 2 CPU cores
+    .venv/bin/python scripts/recipes.py                     # ~30 min on 2 CPU cores
     .venv/bin/python scripts/recipes.py --seeds 1 2 --epochs 3 --out /tmp/recipes.md   # a quick look
 """
 
