@@ -72,6 +72,10 @@ def test_sweep_trains_every_combination_then_resumes_without_redoing_finished_ru
 def test_the_same_name_with_another_plan_is_refused(shapes_folder, tmp_path, capsys):
     common = ["sweep", str(shapes_folder), f"run.dir={tmp_path}", "train.epochs=1", *FAST, "--name", "s"]
     assert main([*common, "--seeds", "0"]) == 0
+    console = capsys.readouterr().err
+    assert "seed=0: completed, test acc1" in console  # one line per run ...
+    assert "precision" not in console and "epoch 1/1" not in console  # ... not its whole log
+    assert "epoch 1/1" in (tmp_path / "sweeps" / "s" / "seed=0" / "log.txt").read_text()
     assert main([*common, "--seeds", "0,1"]) == 2
     assert "holds a different sweeps" in capsys.readouterr().err
 

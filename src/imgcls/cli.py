@@ -93,7 +93,8 @@ def _sweep(args: argparse.Namespace) -> int:
     data, overrides = _split_data(args)
     if data:
         overrides.insert(0, f"data.path={data}")
-    sweep(args.config, overrides, _seeds(args.seeds), name=args.name, jobs=args.jobs, resume=args.resume)
+    sweep(args.config, overrides, _seeds(args.seeds), name=args.name, jobs=args.jobs, resume=args.resume,
+          verbose=args.verbose)
     return 0
 
 
@@ -103,7 +104,8 @@ def _cv(args: argparse.Namespace) -> int:
     data, overrides = _split_data(args)
     if not data and not args.resume:
         raise ImgclsError("imgcls cv needs DATA (a folder, CSV or packaged dataset), or --resume FOLDER")
-    cross_validate(data, args.config, overrides, folds=args.folds, name=args.name, jobs=args.jobs, resume=args.resume)
+    cross_validate(data, args.config, overrides, folds=args.folds, name=args.name, jobs=args.jobs, resume=args.resume,
+                   verbose=args.verbose)
     return 0
 
 
@@ -112,7 +114,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     data, overrides = _split_data(args)
     tune(data, args.config, overrides, trials=args.trials, space_file=args.space, name=args.name, jobs=args.jobs,
-         resume=args.resume)
+         resume=args.resume, verbose=args.verbose)
     return 0
 
 
@@ -264,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--resume", metavar="FOLDER", help=f"continue an interrupted {kind[:-1] if kind.endswith('s') else kind}")
         command.add_argument("--jobs", type=int, default=1,
                              help="runs in parallel processes, each on its own CPU cores / GPU (default 1)")
+        command.add_argument("--verbose", action="store_true",
+                             help="show every run's full log (default: one line per run; each log.txt has it all)")
 
     sweep = commands.add_parser("sweep", help="a config x a grid of values x seeds; then the comparison table",
                                 description="Every combination of the grid (key=a,b,c) and seed is a run folder in "

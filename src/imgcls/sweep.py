@@ -30,7 +30,7 @@ import yaml
 
 from imgcls.config import Config, load_config, save_config, valid_keys
 from imgcls.errors import ImgclsError
-from imgcls.tracking import create_run_dir, read_summary, setup_logging
+from imgcls.tracking import console_level, create_run_dir, read_summary, setup_logging
 
 __all__ = ["PlannedRun", "parse_grid", "sweep", "cross_validate", "tune", "load_search_space", "run_all"]
 
@@ -113,9 +113,25 @@ def _start(command: list[str], slot: dict[str, Any], log_path: Path) -> subproce
                                 preexec_fn=lambda: os.sched_setaffinity(0, cores))
 
 
-def run_all(base: Path, folder: Path, runs: list[PlannedRun], jobs: int = 1) -> dict[str, str]:
+def _run_line(run_dir: Path) -> str:
+    """One line about a finished run, from its summary.json."""
+    summary = read_summary(run_dir)
+    test = summary.get("test_metrics") or summary.get("val_metrics") or {}
+    parts = [summary.get("status", "missing")]
+    if "acc1" in test:
+        parts.append(f"test acc1 {test['acc1']:.4f}")
+    if summary.get("best_epoch"):
+        parts.append(f"best epoch {summary['best_epoch']}")
+    minutes = summary.get("train_minutes")
+    if minutes is not None:
+        parts.append(f"{minutes:.1f} min" if minutes >= 1 else f"{minutes * 60:.0f} s")
+    return ", ".join(parts)
+
+
+def run_all(base: Path, folder: Path, runs: list[PlannedRun], jobs: int = 1, verbose: bool = False) -> dict[str, str]:
     """Train every planned run that is not finished yet; returns run name -> final status. A run that
-    fails is reported and the others go on; Ctrl-C stops the sweep (run it again to resume)."""
+    fails is reported and the others go on; Ctrl-C stops the sweep (run it again to resume). Each run
+    prints one line (its log.txt has everything) unless `verbose`."""
     states = {run.name: _state(folder / run.name) for run in runs}
     done = [name for name, state in states.items() if state == "completed"]
     if done:
@@ -126,10 +142,12 @@ def run_all(base: Path, folder: Path, runs: list[PlannedRun], jobs: int = 1) -> 
             log.info(f"[{len(done) + index}/{len(runs)}] {run.name}"
                      + (" (resuming)" if states[run.name] == "resumable" else ""))
             try:
-                _train_here(base, folder, run, states[run.name])
+                with console_level(logging.NOTSET if verbose else logging.WARNING):
+                    _train_here(base, folder, run, states[run.name])
             except ImgclsError as error:  # this run's problem; the others may still work
                 log.error(f"{run.name} failed: {error}")
             setup_logging(folder)  # training logged into the run's log.txt; the sweep's own log again
+            log.info(f"  {run.name}: {_run_line(folder / run.name)}")
     else:
         _run_parallel(base, folder, pending, states, jobs)
     return {run.name: read_summary(folder / run.name).get("status", "missing") for run in runs}
@@ -214,7 +232,7 @@ def _open_folder(kind: str, resume: str | Path | None, name: str | None, default
 
 
 def sweep(config_file: str | None, overrides: list[str], seeds: list[int], name: str | None = None,
-          jobs: int = 1, resume: str | Path | None = None) -> Path:
+          jobs: int = 1, resume: str | Path | None = None, verbose: bool = False) -> Path:
     """Train the base config (file + fixed overrides) for every grid combination and seed, then
     compare the configurations. Returns the sweep folder.
 
@@ -238,7 +256,7 @@ def sweep(config_file: str | None, overrides: list[str], seeds: list[int], name:
     save_config(base_config, base)
     log.info(f"sweep {folder}: {len(runs)} runs ({len(runs) // max(1, len(plan['seeds']))} configurations x "
              f"{len(plan['seeds'])} seeds)")
-    statuses = run_all(base, folder, runs, jobs)
+    statuses = run_all(base, folder, runs, jobs, verbose)
     _report_statuses(statuses)
     from imgcls.compare import compare
 
@@ -291,7 +309,7 @@ def _write_fold_manifests(config: Config, folds: int, folder: Path) -> list[Path
 
 
 def cross_validate(data: str, config_file: str | None, overrides: list[str], folds: int = 5, name: str | None = None,
-                   jobs: int = 1, resume: str | Path | None = None) -> Path:
+                   jobs: int = 1, resume: str | Path | None = None, verbose: bool = False) -> Path:
     """Stratified k-fold cross-validation: a run per fold (trained on the other folds, validated on
     its own), mean ± std over folds, and `oof_predictions.csv`: every training image predicted by the
     model that did not train on it (for label-error detection). Returns the cv folder.
@@ -314,7 +332,7 @@ def cross_validate(data: str, config_file: str | None, overrides: list[str], fol
     save_config(config, base)
     runs = [PlannedRun(f"fold-{fold}", [f"data.path={manifest}"]) for fold, manifest in enumerate(manifests, start=1)]
     log.info(f"cross-validation {folder}: {len(runs)} folds")
-    statuses = run_all(base, folder, runs, jobs)
+    statuses = run_all(base, folder, runs, jobs, verbose)
     _report_statuses(statuses)
     finished = [run.name for run in runs if statuses[run.name] == "completed"]
     if len(finished) < len(runs):
@@ -412,7 +430,7 @@ def _suggest(trial, key: str, spec: Any) -> Any:
                                step=spec.get("step"))
 
 
-def _objective(base: Path, folder: Path, fixed: list[str], space: dict[str, Any], monitor: str):
+def _objective(base: Path, folder: Path, fixed: list[str], space: dict[str, Any], monitor: str, verbose: bool = False):
     import optuna
 
     from imgcls.train import RunStopped, train
@@ -428,9 +446,12 @@ def _objective(base: Path, folder: Path, fixed: list[str], space: dict[str, Any]
                 raise RunStopped(f"pruned by Optuna at epoch {epoch} ({monitor} {row[monitor]:.4f})")
 
         try:
-            run = train(load_config(base, overrides), force=True, on_epoch=report)
+            with console_level(logging.NOTSET if verbose else logging.WARNING):
+                run = train(load_config(base, overrides), force=True, on_epoch=report)
         except RunStopped:
             raise optuna.TrialPruned() from None
+        finally:
+            setup_logging(folder)  # back to the tune folder's log.txt
         best = read_summary(run)["best"][monitor]
         if best is None or not math.isfinite(best):
             raise optuna.TrialPruned()  # diverged: nothing to learn from its value
@@ -440,7 +461,7 @@ def _objective(base: Path, folder: Path, fixed: list[str], space: dict[str, Any]
 
 
 def tune(data: str | None, config_file: str | None, overrides: list[str], trials: int, space_file: str | None = None,
-         name: str | None = None, jobs: int = 1, resume: str | Path | None = None) -> Path:
+         name: str | None = None, jobs: int = 1, resume: str | Path | None = None, verbose: bool = False) -> Path:
     """Search hyper-parameters with Optuna: TPE sampling, median pruning on the per-epoch validation
     metric (`train.monitor`), the study in `study.db` (SQLite) in the tune folder, so running again
     resumes it. Writes `best_config.yaml` (for `imgcls train -c`) and `trials.csv`. Returns the folder.
@@ -479,7 +500,7 @@ def tune(data: str | None, config_file: str | None, overrides: list[str], trials
     else:
         remaining = plan["trials"] - sum(trial.state in finished_states for trial in study.trials)
         if remaining > 0:  # the callback stops parallel workers at the total; this never starts a surplus trial
-            study.optimize(_objective(base, folder, [], plan["space"], monitor), n_trials=remaining,
+            study.optimize(_objective(base, folder, [], plan["space"], monitor, verbose), n_trials=remaining,
                            callbacks=[stop_at_total], catch=(ImgclsError,))
         else:
             log.info(f"all {plan['trials']} trials are done")

@@ -4,6 +4,7 @@ optional mirrors of the metrics in TensorBoard and MLflow (`ExperimentLoggers`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "create_run_dir", "setup_logging", "progress", "StepProgress", "append_metrics", "read_metrics",
-    "truncate_metrics", "update_summary", "read_summary", "environment", "on_terminal",
+    "truncate_metrics", "update_summary", "read_summary", "environment", "on_terminal", "console_level",
     "ExperimentLoggers", "scalar_tag", "flatten_params", "MLFLOW_STATUSES",
 ]
 
@@ -94,6 +95,21 @@ def setup_logging(run_dir: Path | None = None, verbose: bool = False, quiet: boo
         file_handler = logging.FileHandler(Path(run_dir) / "log.txt", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(file_handler)
+
+
+@contextlib.contextmanager
+def console_level(level: int) -> Iterator[None]:
+    """For a while, show only messages of `level` and above on the console; log.txt files still get
+    everything. The runs of a sweep then print one line each instead of their whole logs."""
+    consoles = [handler for handler in logging.getLogger("imgcls").handlers if type(handler) is logging.StreamHandler]
+    previous = [handler.level for handler in consoles]
+    for handler in consoles:
+        handler.setLevel(level)
+    try:
+        yield
+    finally:
+        for handler, old in zip(consoles, previous):
+            handler.setLevel(old)
 
 
 class StepProgress:
