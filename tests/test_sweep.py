@@ -160,3 +160,15 @@ def test_search_space_errors_name_the_key(tmp_path):
     space.write_text("optim.lr: 0.1\n")
     with pytest.raises(ImgclsError, match="list of choices"):
         load_search_space(str(space))
+
+
+def test_parallel_tune_workers_share_the_study_without_repeating_trials(shapes_folder, tmp_path):
+    if len(worker_slots(1)[0]["cores"]) < 2:
+        pytest.skip("needs 2 CPU cores")
+    assert main(["tune", str(shapes_folder), f"run.dir={tmp_path}", "train.epochs=1", *FAST[:3],
+                 "train.calibrate=false", "--trials", "4", "--jobs", "2", "--name", "pj"]) == 0
+    folder = tmp_path / "tune" / "pj"
+    trials = read_csv(folder / "trials.csv")
+    assert len(trials) == 4  # each worker runs its share: no surplus trial
+    assert len({row["optim.lr"] for row in trials}) == 4  # each worker its own sampler seed
+    assert {path.name for path in (folder / "logs").iterdir()} == {"worker-1.txt", "worker-2.txt"}

@@ -113,8 +113,9 @@ def _tune(args: argparse.Namespace) -> int:
     from imgcls.sweep import tune
 
     data, overrides = _split_data(args)
+    index, _, count = args.worker.partition("/")
     tune(data, args.config, overrides, trials=args.trials, space_file=args.space, name=args.name, jobs=args.jobs,
-         resume=args.resume, verbose=args.verbose)
+         resume=args.resume, verbose=args.verbose, worker=(int(index), int(count or 1)))
     return 0
 
 
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_many_runs_flags(tune, "tune")
     tune.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
     tune.add_argument("--space", help="search space YAML (default: lr, weight decay, label smoothing, augment)")
+    tune.add_argument("--worker", default="0/1", help=argparse.SUPPRESS)  # I/N: a process started by --jobs N
     tune.set_defaults(handler=_tune)
 
     compare = commands.add_parser("compare", help="mean ± std per configuration, and whether the best two differ",

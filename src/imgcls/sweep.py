@@ -461,10 +461,12 @@ def _objective(base: Path, folder: Path, fixed: list[str], space: dict[str, Any]
 
 
 def tune(data: str | None, config_file: str | None, overrides: list[str], trials: int, space_file: str | None = None,
-         name: str | None = None, jobs: int = 1, resume: str | Path | None = None, verbose: bool = False) -> Path:
+         name: str | None = None, jobs: int = 1, resume: str | Path | None = None, verbose: bool = False,
+         worker: tuple[int, int] = (0, 1)) -> Path:
     """Search hyper-parameters with Optuna: TPE sampling, median pruning on the per-epoch validation
     metric (`train.monitor`), the study in `study.db` (SQLite) in the tune folder, so running again
     resumes it. Writes `best_config.yaml` (for `imgcls train -c`) and `trials.csv`. Returns the folder.
+    `worker` = (index, count) of a process started by `jobs` > 1: its sampler seed and share of trials.
 
     Raises:
         ImgclsError: optuna missing, a bad search space, or no trial completed.
@@ -489,7 +491,8 @@ def tune(data: str | None, config_file: str | None, overrides: list[str], trials
     study = optuna.create_study(
         storage=f"sqlite:///{folder.resolve() / 'study.db'}", study_name="imgcls", load_if_exists=True,
         direction="minimize" if monitor.endswith("loss") else "maximize",
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        # each parallel worker its own seed: the same one would suggest the same parameters in every worker
+        sampler=optuna.samplers.TPESampler(seed=config.seed + worker[0]),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
     )
     finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -499,6 +502,7 @@ def tune(data: str | None, config_file: str | None, overrides: list[str], trials
         _tune_in_parallel(folder, jobs)
     else:
         remaining = plan["trials"] - sum(trial.state in finished_states for trial in study.trials)
+        remaining = math.ceil(remaining / worker[1])  # a parallel worker's share
         if remaining > 0:  # the callback stops parallel workers at the total; this never starts a surplus trial
             study.optimize(_objective(base, folder, [], plan["space"], monitor, verbose), n_trials=remaining,
                            callbacks=[stop_at_total], catch=(ImgclsError,))
@@ -512,7 +516,7 @@ def _tune_in_parallel(folder: Path, jobs: int) -> None:
     processes = []
     (folder / "logs").mkdir(exist_ok=True)
     for slot_index, slot in enumerate(worker_slots(jobs)):
-        command = [sys.executable, "-m", "imgcls", "tune", "--resume", str(folder)]
+        command = [sys.executable, "-m", "imgcls", "tune", "--resume", str(folder), "--worker", f"{slot_index}/{jobs}"]
         processes.append(_start(command, slot, folder / "logs" / f"worker-{slot_index + 1}.txt"))
     try:
         for process in processes:
