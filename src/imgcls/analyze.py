@@ -11,6 +11,8 @@ Arguments a user can choose (an ordering, a bin count, a target precision, a mon
 
 from __future__ import annotations
 
+import logging
+
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +22,10 @@ import torch
 
 from imgcls.errors import ImgclsError
 
+log = logging.getLogger("imgcls")
+
 __all__ = [
+    "read_thumbnail", "short_name",
     # error analysis
     "auroc", "most_confused", "error_summary", "mistakes", "save_gallery",
     # calibration
@@ -222,7 +227,21 @@ def mistakes(logits: Array, labels: Array, paths: list[str], class_names: list[s
     ]
 
 
-def _short_name(path: str, width: int = 24) -> str:
+def read_thumbnail(path: str | Path, image_size: int, resize: str) -> np.ndarray | None:
+    """The image as the model sees it (HWC uint8), or None when the file cannot be decoded (moved,
+    truncated): the figures draw a grey tile instead of failing."""
+    from PIL import Image
+
+    from imgcls.data.images import load_square
+
+    try:
+        return load_square(path, image_size, resize)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        log.warning("cannot read %s (%s); drawing a grey tile", path, error)
+        return None
+
+
+def short_name(path: str | Path, width: int = 24) -> str:
     """The file name, cut in the middle when long: the start and the numbered end are what people scan."""
     name = Path(path).name
     if len(name) <= width:
@@ -251,10 +270,6 @@ def save_gallery(rows: list[dict[str, Any]], path: str | Path, title: str, image
         ImgclsError: an unknown `resize` (checked first: load_square's ValueError would otherwise
             turn every tile "unreadable").
     """
-    from PIL import Image
-
-    from imgcls.data.images import load_square
-
     if resize not in ("crop", "pad", "squish"):
         raise ImgclsError(f"unknown gallery resize '{resize}'; use crop, pad or squish")
     plt = _pyplot()
@@ -266,14 +281,13 @@ def save_gallery(rows: list[dict[str, Any]], path: str | Path, title: str, image
     if not rows:
         axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center", fontsize=11)
     for axis, row in zip(axes.flat, rows):
-        try:
-            thumbnail = load_square(row["path"], image_size, resize)
-        except (OSError, ValueError, Image.DecompressionBombError):
+        thumbnail = read_thumbnail(row["path"], image_size, resize)
+        if thumbnail is None:
             thumbnail = np.full((image_size, image_size, 3), 128, dtype=np.uint8)
             axis.text(image_size / 2, image_size / 2, "unreadable", ha="center", va="center", color="white", fontsize=9)
         axis.imshow(thumbnail)
         caption = f"{row['true']} → {row['predicted']}\nconfidence {row['confidence']:.2f}\n"
-        caption += _short_name(row["path"])
+        caption += short_name(row["path"])
         axis.set_title(caption, fontsize=7.5)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()

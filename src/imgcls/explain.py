@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgcls.analyze import read_thumbnail, short_name
 from imgcls.errors import ImgclsError
 from imgcls.models import SmallResNet
 
@@ -290,19 +291,6 @@ def gradcam(model: nn.Module, images: torch.Tensor, target_classes: Sequence[int
     return np.concatenate(maps)
 
 
-def _load_tile(path: str | Path, image_size: int, resize: str) -> np.ndarray | None:
-    """The image as the model sees it (HWC uint8), or None when the file cannot be decoded."""
-    from PIL import Image
-
-    from imgcls.data.images import load_square
-
-    try:
-        return load_square(path, image_size, resize)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        log.warning("explain: cannot read %s (%s); drawing a grey tile", path, error)
-        return None
-
-
 def choose_gallery_rows(rows: Sequence[dict[str, Any]], count: int = 8,
                         seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split prediction rows into a sample to draw: (correct, wrong).
@@ -356,7 +344,7 @@ def save_gradcam_gallery(model: nn.Module, rows: Sequence[dict[str, Any]], class
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    tiles = [_load_tile(row["path"], image_size, resize) for row in rows]
+    tiles = [read_thumbnail(row["path"], image_size, resize) for row in rows]
     indices = []
     for row in rows:
         index = row.get("predicted_index")
@@ -392,7 +380,7 @@ def save_gradcam_gallery(model: nn.Module, rows: Sequence[dict[str, Any]], class
         overlay_axis.imshow(overlays.get(position, grey))
         correct = row["true"] == row["predicted"]
         caption = f"{row['true']} → {row['predicted']} ({float(row['confidence']):.2f})"
-        image_axis.set_title(f"{caption}\n{_shorten(Path(row['path']).name)}", fontsize=7,
+        image_axis.set_title(f"{caption}\n{short_name(row['path'], 28)}", fontsize=7,
                              color="tab:green" if correct else "tab:red")
         overlay_axis.set_title("Grad-CAM" if tile is not None else "unreadable", fontsize=7)
     figure.suptitle(title)
@@ -400,10 +388,6 @@ def save_gradcam_gallery(model: nn.Module, rows: Sequence[dict[str, Any]], class
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-def _shorten(text: str, width: int = 28) -> str:
-    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,7 +462,7 @@ def save_activation_maps(model: nn.Module, paths: Sequence[str | Path], image_si
     from matplotlib.gridspec import GridSpec
 
     path = Path(path)
-    tiles = [_load_tile(file, image_size, resize) for file in paths]
+    tiles = [read_thumbnail(file, image_size, resize) for file in paths]
     readable = [position for position, tile in enumerate(tiles) if tile is not None]
     grey = np.full((image_size, image_size, 3), _UNREADABLE_GREY, dtype=np.float32)
     maps, indices = {}, {}
@@ -497,7 +481,7 @@ def save_activation_maps(model: nn.Module, paths: Sequence[str | Path], image_si
         top = position * lines_per_image
         image_axis = figure.add_subplot(grid[top: top + lines_per_image, 0:2])
         image_axis.imshow(tiles[position] if tiles[position] is not None else grey)
-        image_axis.set_title(_shorten(Path(file).name, 20) + ("" if position in maps else "\nunreadable"), fontsize=7)
+        image_axis.set_title(short_name(file, 20) + ("" if position in maps else "\nunreadable"), fontsize=7)
         image_axis.axis("off")
         for channel in range(len(maps.get(position, []))):
             axis = figure.add_subplot(grid[top + channel // per_line, 2 + channel % per_line])
