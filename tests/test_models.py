@@ -163,6 +163,49 @@ def test_unreadable_weights_file(tmp_path):
     assert "model.pretrained" in str(error.value)
 
 
+
+class RunsWhenLoaded:
+    """Unpickling this calls `function(*arguments)`, as a malicious weights file would."""
+
+    def __init__(self, function, arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+class PlainObject:
+    pass
+
+
+@pytest.mark.parametrize("payload", ["print", "create a file", "another class"])
+def test_a_pickle_of_objects_is_refused_without_running_it(tmp_path, capsys, payload):
+    created = tmp_path / "created_by_the_payload"
+    content = {"print": RunsWhenLoaded(print, ("pwned",)), "create a file": RunsWhenLoaded(open, (str(created), "w")),
+               "another class": PlainObject()}[payload]
+    path = tmp_path / "weights.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "x": content}, path)
+    with pytest.raises(ImgclsError) as error:
+        create_model("small_resnet", 3, MEAN, STD, pretrained=str(path))
+    assert str(error.value) == (f"refusing to load model.pretrained file {path}: it is not a plain-tensor "
+                                "checkpoint (loading it could run code)")
+    assert "pwned" not in capsys.readouterr().out and not created.exists()
+    torch.load(path, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert "pwned" in capsys.readouterr().out or created.exists() or payload == "another class"
+
+
+def test_checkpoints_load_through_the_same_safe_loader(tmp_path):
+    from imgcls.pretrained import load_tensors_safely
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"model": {"weight": torch.ones(2)}, "epoch": 3, "rng": [torch.zeros(4, dtype=torch.uint8)]}, path)
+    state = load_tensors_safely(path, "checkpoint")
+    assert state["epoch"] == 3 and torch.equal(state["model"]["weight"], torch.ones(2))
+    path.write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(ImgclsError) as error:
+        load_tensors_safely(path, "checkpoint")
+    assert str(error.value).startswith(f"cannot read checkpoint {path}: not a complete file written by torch.save")
+
 def test_training_flops_are_counted_without_running_the_model():
     from imgcls.models import training_flops_per_image
 

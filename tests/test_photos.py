@@ -4,7 +4,6 @@ through a timm model: train, eval, predict as a new user would."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 

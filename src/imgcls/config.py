@@ -9,6 +9,7 @@ Order of precedence: dataclass defaults < YAML file (`-c`) < command-line overri
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -18,13 +19,14 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from imgcls.errors import ImgclsError
 
-__all__ = ["Config", "load_config", "save_config", "config_to_dict", "config_from_dict", "valid_keys"]
+__all__ = ["Config", "load_config", "save_config", "config_to_dict", "config_from_dict", "valid_keys", "run_name_problem"]
 
 
 @dataclass
 class RunConfig:
     name: Optional[str] = None
-    """Run folder name under `run.dir`. None: `<dataset>-<model>`, with `-2`, `-3`... when taken."""
+    """Run folder name under `run.dir`: one folder name (no `/`, `.` or `..`). None: `<dataset>-<model>`,
+    with `-2`, `-3`... when taken."""
     dir: str = "runs"
     """Parent folder of all run folders."""
 
@@ -287,12 +289,29 @@ def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run folder's name, or None. A run name is one folder name inside
+    `run.dir`: `../x`, `.`, `..` or an absolute path would put the run, and what `--force` deletes,
+    somewhere else."""
+    if not name or name in (".", ".."):
+        return "is not a folder name; give a name such as run.name=baseline"
+    if "/" in name or "\\" in name or Path(name).is_absolute():
+        return "must be one folder name inside run.dir, not a path; to put runs elsewhere, set run.dir"
+    return None
+
+
 def _check_ranges(config: Config) -> None:
     """Values that have the right type but make no sense."""
+    if config.data.image_size is not None:
+        from imgcls.data.images import check_image_size  # here: importing imgcls.data imports torch
+
+        check_image_size(config.data.image_size)
+    if config.run.name is not None and run_name_problem(config.run.name):
+        raise ImgclsError(f"bad value for 'run.name': '{config.run.name}' {run_name_problem(config.run.name)}")
     checks = [
         ("train.epochs", config.train.epochs >= 1, "must be at least 1"),
         ("train.batch_size", config.train.batch_size >= 1, "must be at least 1"),
-        ("optim.lr", config.optim.lr > 0, "must be positive"),
+        ("optim.lr", 0 < config.optim.lr < math.inf, "must be a positive number"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be between 0 and 1"),
         ("data.test_fraction", 0 <= config.data.test_fraction < 1, "must be between 0 and 1"),
         ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 1, "must be in [0, 1)"),

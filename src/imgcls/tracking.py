@@ -8,6 +8,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "create_run_dir", "setup_logging", "progress", "StepProgress", "append_metrics", "read_metrics",
-    "truncate_metrics", "update_summary", "read_summary", "environment", "on_terminal", "console_level",
+    "truncate_metrics", "update_summary", "read_summary", "process_identity", "process_is_alive", "environment",
+    "on_terminal", "console_level",
     "ExperimentLoggers", "scalar_tag", "flatten_params", "MLFLOW_STATUSES",
 ]
 
@@ -44,21 +46,32 @@ def _slug(text: str) -> str:
 
 
 def create_run_dir(root: str | Path, name: str | None, default_name: str, force: bool = False) -> Path:
-    """Create a new run folder and return it. Never reuses an existing one silently.
+    """Create a new run folder inside `root` and return it. Never reuses an existing one silently.
 
-    An automatic name (`name=None`) gets a free suffix (`-2`, `-3`, ...); an explicit name that
-    exists is an error unless `force`, which deletes the old folder first.
+    An automatic name (`name=None`) gets a free suffix (`-2`, `-3`, ...). An explicit name must be one
+    folder name (see `config.run_name_problem`); if that folder exists it is an error unless `force`,
+    which replaces it only when it is an imgcls run folder (it has a summary.json) or empty: a typo
+    in a name never deletes a user's other files.
+
+    Raises:
+        ImgclsError: a name that is not one folder name, or a folder that exists and may not be replaced.
     """
+    from imgcls.config import run_name_problem
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if name is not None:
+        problem = run_name_problem(name)
+        if problem:
+            raise ImgclsError(f"run.name '{name}' {problem}")
         path = root / name
-        if path.exists():
+        if path.exists() or path.is_symlink():
             if not force:
                 raise ImgclsError(f"run folder {path} already exists; choose another run.name (e.g. run.name={name}-2), "
                                   f"resume it with --resume {path}, or pass --force to replace it")
+            _check_replaceable(path)
             shutil.rmtree(path)
-        path.mkdir(parents=True)
+        path.mkdir()
         return path
     base = _slug(default_name)
     for attempt in range(1, 10_000):
@@ -71,10 +84,27 @@ def create_run_dir(root: str | Path, name: str | None, default_name: str, force:
     raise ImgclsError(f"too many runs named {base} in {root}")
 
 
+def _check_replaceable(path: Path) -> None:
+    """--force deletes only what imgcls made: a real folder (not a link) holding a summary.json, or nothing."""
+    if path.is_symlink() or not path.is_dir():
+        raise ImgclsError(f"refusing to replace {path} with --force: it is not a folder; choose another run.name")
+    if not (path / "summary.json").is_file() and any(path.iterdir()):
+        raise ImgclsError(f"refusing to replace {path} with --force: it is not an imgcls run folder (no summary.json); "
+                          "choose another run.name, or move the folder away yourself")
+
+
 class _PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
         return prefix + record.getMessage()
+
+
+class _RunLogHandler(logging.FileHandler):
+    """log.txt. When it cannot be written (a full disk), it stops writing, quietly: the console still
+    shows every message, and the error that matters is reported once by whatever write failed next."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.setLevel(logging.CRITICAL + 1)
 
 
 def setup_logging(run_dir: Path | None = None, verbose: bool = False, quiet: bool = False) -> None:
@@ -87,12 +117,17 @@ def setup_logging(run_dir: Path | None = None, verbose: bool = False, quiet: boo
         if isinstance(handler, logging.FileHandler) or run_dir is None:
             logger.removeHandler(handler)
             handler.close()
-    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
+    consoles = [handler for handler in logger.handlers if type(handler) is logging.StreamHandler]
+    for console in consoles:
+        # the stderr of now: a caller may have replaced it since (setStream would flush the old one,
+        # which may be closed)
+        console.stream = sys.stderr
+    if not consoles:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(_PlainFormatter())
         logger.addHandler(console)
     if run_dir is not None:
-        file_handler = logging.FileHandler(Path(run_dir) / "log.txt", encoding="utf-8")
+        file_handler = _RunLogHandler(Path(run_dir) / "log.txt", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(file_handler)
 
@@ -188,13 +223,59 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
         append_metrics(path, row)
 
 
-def read_summary(run_dir: Path) -> dict[str, Any]:
+def _read_summary_file(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # cut short by a full disk before atomic writes, or edited by hand
+        return {}
+
+
+def process_identity(pid: int | None = None) -> dict[str, Any]:
+    """Who is writing a run: pid, host and (on Linux) the process's start time, so that a recycled pid
+    is not mistaken for the same process."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "host": platform.node(), "process_started": _start_time(pid)}
+
+
+def _start_time(pid: int) -> str | None:
+    try:  # field 22 of /proc/PID/stat, counted after the command name (which may hold spaces)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_is_alive(summary: dict[str, Any]) -> bool | None:
+    """Whether the process recorded in a summary still runs: None when it cannot be told (another
+    host, or a summary written before imgcls recorded processes)."""
+    pid = summary.get("pid")
+    if not isinstance(pid, int) or summary.get("host") != platform.node():
+        return None
+    started = _start_time(pid)
+    if started is not None or Path("/proc").is_dir():
+        return started is not None and started == summary.get("process_started", started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json, with `running` read as `interrupted` when the recorded process is gone (killed
+    with SIGKILL, out of memory, a machine that rebooted): then nothing will ever finish the run."""
+    summary = _read_summary_file(run_dir)
+    if summary.get("status") == "running" and process_is_alive(summary) is False:
+        summary["status"] = "interrupted"
+        summary["error"] = (f"the process that ran it (pid {summary['pid']} on {summary['host']}) ended without "
+                            f"finishing; continue with: imgcls train --resume {run_dir}")
+    return summary
 
 
 def update_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    summary = {**read_summary(run_dir), **fields}
+    summary = {**_read_summary_file(run_dir), **fields}
     atomic_write(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=str).encode())
     return summary
 

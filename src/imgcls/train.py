@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from imgcls.checkpoint import load_artifact, load_checkpoint, save_artifact, save_checkpoint
-from imgcls.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from imgcls.checkpoint import CheckpointSet, DiskFullError, atomic_write, load_artifact, load_checkpoint, save_artifact
+from imgcls.config import Config, config_to_dict, load_config, save_config
 from imgcls.data import (
     DataSource, assign_splits, balanced_sampler, build_augment, build_datasets, channel_statistics, default_workers,
     make_loader, median_side, read_splits_csv, resolve_source, subsample_train, write_splits_csv,
@@ -32,8 +32,8 @@ from imgcls.models import (
 )
 from imgcls.runtime import Distributed, Runtime, rng_state, seed_everything, set_rng_state, set_threads
 from imgcls.tracking import (
-    ExperimentLoggers, StepProgress, append_metrics, create_run_dir, environment, setup_logging, truncate_metrics,
-    update_summary,
+    ExperimentLoggers, StepProgress, append_metrics, create_run_dir, environment, process_identity, process_is_alive,
+    read_metrics, read_summary, setup_logging, truncate_metrics, update_summary,
 )
 
 __all__ = ["train", "train_one_epoch", "cosine_with_warmup", "cache_dataset", "build_model", "RunStopped"]
@@ -111,15 +111,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     runtime: Runtime, scaler: torch.amp.GradScaler, augment: nn.Module | None = None,
                     mixing: Callable | None = None, step_scheduler=None, grad_clip: float | None = None,
                     accumulate: int = 1, after_step: Callable[[torch.Tensor], None] | None = None,
-                    description: str = "train", log_every: int = 50) -> dict[str, float]:
+                    description: str = "train", log_every: int = 50, stop_on_nonfinite: bool = True) -> dict[str, float]:
     """One pass over `loader` (uint8 batches). On each batch, on the device: `augment`, then `mixing`
     (mixup/cutmix: soft targets). One optimiser step every `accumulate` batches, then the per-step
     schedule and `after_step(loss of the batch)` (the weight EMA; the learning-rate finder). Returns
     train_loss, train_acc1 (against the unmixed labels), images, seconds and data_wait (the share of
-    the time spent waiting for the next batch: high means the loader, not the model, is the limit)."""
+    the time spent waiting for the next batch: high means the loader, not the model, is the limit).
+
+    Raises:
+        TrainingDiverged: a loss was NaN or infinite, or fp16 loss scaling gave up (`stop_on_nonfinite`).
+    """
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: no CPU-GPU sync per step
     correct = torch.zeros((), device=runtime.device)
+    # the first step whose loss was not finite (len(loader): none yet), kept on the device and read at
+    # the sync points below: every step on a CPU (free there), at progress lines and the end on a GPU
+    first_nonfinite = torch.full((), len(loader), device=runtime.device)
+    check_every_step = runtime.device.type == "cpu"
     images_seen, waited = 0, 0.0
     started = time.perf_counter()
     with StepProgress(len(loader), description, every=log_every) as bar:
@@ -151,13 +159,20 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum()
             images_seen += len(labels)
-            if bar.count % max(1, log_every) == 0 or bar.total - bar.count < 2:
+            first_nonfinite = torch.where(torch.isfinite(loss.detach()), first_nonfinite,
+                                          first_nonfinite.clamp(max=index))
+            line_due = bar.count % max(1, log_every) == 0 or bar.total - bar.count < 2
+            if stop_on_nonfinite and (check_every_step or line_due):
+                check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, description)
+            if line_due:
                 # .item() is a CPU-GPU sync point: only when a progress line is due
                 bar.update(1, f"loss {loss_sum.item() / images_seen:.4f}")
             else:
                 bar.update(1)
             ready = time.perf_counter()
     seconds = time.perf_counter() - started
+    if stop_on_nonfinite:
+        check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, description, model)
     # totals over every process of a torchrun job (a no-op otherwise)
     loss_sum, correct, images_seen = runtime.distributed.sum(
         torch.stack([loss_sum.double(), correct.double(), torch.tensor(images_seen, dtype=torch.float64, device=runtime.device)])
@@ -171,6 +186,37 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         "seconds": seconds,
         "data_wait": waited / max(seconds, 1e-9),
     }
+
+
+class TrainingDiverged(ImgclsError):
+    """The loss or the weights stopped being finite numbers: training cannot recover from that."""
+
+
+# fp16 loss scaling halves its scale after every step with overflowing gradients, from 2**16; this far
+# down, no step has succeeded for dozens of steps in a row and the scaler has given up
+_GIVEN_UP_SCALE = 2.0**-16
+
+
+def check_finite(first_nonfinite: int, steps: int, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                 grad_clip: float | None, description: str, model: nn.Module | None = None) -> None:
+    """Raise TrainingDiverged, with what to try, when step `first_nonfinite` (< `steps`) had a
+    non-finite loss, fp16 loss scaling has given up, or (given `model`) a weight is NaN or infinite.
+
+    Raises:
+        TrainingDiverged: one line naming the epoch and step and what to try.
+    """
+    if first_nonfinite < steps:
+        what = f"the loss became NaN or infinite at step {first_nonfinite + 1} of {steps}"
+    elif scaler.is_enabled() and scaler.get_scale() < _GIVEN_UP_SCALE:
+        what = f"fp16 loss scaling gave up (scale {scaler.get_scale():.1e}: every step overflowed)"
+    elif model is not None and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        what = "the weights became NaN or infinite"
+    else:
+        return
+    advice = f"lower optim.lr (the learning rate was {optimizer.param_groups[0]['lr']:.2g} then)"
+    advice += ", or a smaller train.grad_clip" if grad_clip is not None else ", or set train.grad_clip=1.0"
+    raise TrainingDiverged(f"training diverged in {description}: {what}; {advice}. The checkpoints and the "
+                           "model of the last good epoch are kept")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,6 +330,7 @@ def resolve_data(config: Config) -> tuple[Config, DataSource]:
 def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     config, source = resolve_data(config)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
+    update_summary(run_dir, status="created", run=str(run_dir))  # from now on --force may replace it
     # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
     save_config(config, run_dir / "config.yaml")
     config = replace(config, run=replace(config.run, name=run_dir.name))
@@ -292,7 +339,17 @@ def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     return config, run_dir, source
 
 
-def _resume_run(run: str | Path, overrides: list[str]) -> tuple[Config, Path, DataSource, dict]:
+@dataclass
+class Resumption:
+    """What `--resume` continues from: the last checkpoint (None: the run was killed before its first
+    epoch ended, so it starts again from the beginning in the same folder), and whether training had
+    already ended, so that only the final evaluation and calibration are left to do."""
+
+    checkpoint: dict | None
+    training_ended: bool
+
+
+def _resume_run(run: str | Path, overrides: list[str], force: bool) -> tuple[Config, Path, DataSource, Resumption]:
     run_dir = Path(run)
     if not (run_dir / "config.yaml").exists():
         raise ImgclsError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
@@ -302,15 +359,39 @@ def _resume_run(run: str | Path, overrides: list[str]) -> tuple[Config, Path, Da
     if changed:
         raise ImgclsError(f"cannot change '{changed[0]}' when resuming (only {', '.join(RESUMABLE_OVERRIDES)}); "
                           f"start a new run with -c {run_dir}/config.yaml instead")
-    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    if checkpoint["epoch"] >= config.train.epochs:
-        raise ImgclsError(f"{run_dir} has already trained all {config.train.epochs} epochs; "
-                          f"add train.epochs=N (more than {config.train.epochs}) to continue it")
-    if config.train.epochs != saved.train.epochs:
+    summary = read_summary(run_dir)
+    if summary.get("status") == "running" and not force:
+        alive = process_is_alive(summary)
+        if alive:
+            raise ImgclsError(f"{run_dir} is still being trained (pid {summary['pid']}); wait for it or stop it first")
+        if alive is None and "pid" in summary:
+            raise ImgclsError(f"{run_dir} is being trained on {summary.get('host')} (pid {summary['pid']}); if that "
+                              "process is gone, resume with --force")
+    checkpoints = CheckpointSet(run_dir / "checkpoints")
+    raised_epochs = config.train.epochs > saved.train.epochs
+    if not checkpoints.last.is_file():
+        log.warning(f"{run_dir} has no checkpoint (it stopped before the end of its first epoch): "
+                    "training it again from the beginning in the same folder")
+        resumption = Resumption(None, training_ended=False)
+    else:
+        checkpoint = load_checkpoint(checkpoints.last)
+        repaired = checkpoints.repair(checkpoint)
+        if repaired:
+            log.warning(f"{' and '.join(repaired)} lagged behind last.ckpt (stopped between the writes of epoch "
+                        f"{checkpoint['epoch']}): rewritten from it")
+        patience = config.train.patience
+        ended = (checkpoint["epoch"] >= config.train.epochs
+                 or (not raised_epochs and (summary.get("stage") == "final evaluation"
+                                            or (patience is not None and checkpoint["stale_epochs"] >= patience))))
+        if ended and summary.get("status") == "completed":
+            raise ImgclsError(f"{run_dir} has already trained all {config.train.epochs} epochs; "
+                              f"add train.epochs=N (more than {config.train.epochs}) to continue it")
+        resumption = Resumption(checkpoint, training_ended=ended)
+    if raised_epochs:
         log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
     source = read_splits_csv(run_dir / "splits.csv", config.data.path)
     config = replace(config, run=replace(config.run, name=run_dir.name))
-    return config, run_dir, source, checkpoint
+    return config, run_dir, source, resumption
 
 
 def _on_main(distributed: Distributed, function: Callable, *args: Any) -> Any:
@@ -371,9 +452,9 @@ def train(config: Config | None = None, *, resume: str | Path | None = None, ove
 
 def _train(config: Config | None, resume: str | Path | None, overrides: list[str], force: bool,
            distributed: Distributed, on_epoch: Callable[[int, dict[str, float]], None] | None) -> Path:
-    checkpoint = None
+    resumption = Resumption(None, training_ended=False)
     if resume is not None:
-        config, run_dir, source, checkpoint = _resume_run(resume, overrides)  # every rank reads the files
+        config, run_dir, source, resumption = _resume_run(resume, overrides, force)  # every rank reads the files
     elif config is None:
         raise ImgclsError("train() needs a config or resume=RUN")
     runtime = Runtime.create(config.device, config.train.precision, distributed)  # fails before any folder exists
@@ -384,9 +465,12 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
     seed_everything(config.seed + distributed.rank, config.train.deterministic)
     env = environment(device=str(runtime.device), precision=runtime.precision, seed=config.seed,
                       world_size=distributed.world_size)
+    checkpoint = resumption.checkpoint
     if distributed.is_main:
-        (run_dir / "env.json").write_text(json.dumps(env, indent=2))
-        update_summary(run_dir, status="running", run=str(run_dir), started=env["created"], error=None)
+        atomic_write(run_dir / "env.json", json.dumps(env, indent=2).encode())
+        # the process is recorded, so that a run whose process died reads as interrupted, not running
+        update_summary(run_dir, status="running", run=str(run_dir), started=env["created"], error=None,
+                       stage="final evaluation" if resumption.training_ended else "training", **process_identity())
     loggers = None  # TensorBoard / MLflow, on rank 0 only
 
     def open_loggers() -> None:
@@ -394,34 +478,59 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
         loggers = ExperimentLoggers(config.tracking, run_dir, config_to_dict(config), run_dir.name,
                                     checkpoint["epoch"] if checkpoint is not None else 0)
 
+    def mark(**fields: Any) -> None:
+        """Record how the run ended, on rank 0, without hiding the error that ended it (a full disk)."""
+        if distributed.is_main:
+            try:
+                update_summary(run_dir, ended=environment()["created"], **fields)
+            except (OSError, ImgclsError) as error:
+                log.warning(f"could not update {run_dir / 'summary.json'}: {error}")
+
     try:
         _on_main(distributed, open_loggers)  # a bad tracking URI stops every rank with the same message
-        result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch)
-    except RunStopped as stopped:
+        if resumption.training_ended:
+            log.info(f"training of {run_dir} had ended; finishing its final evaluation")
+            result = _ended_training(run_dir, checkpoint, config.train.monitor)
+        else:
+            result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch)
         if distributed.is_main:
-            update_summary(run_dir, status="stopped", ended=environment()["created"], error=str(stopped))
-            log.info(f"stopped: {stopped}")
-            if loggers is not None:
-                loggers.finish("KILLED")
+            update_summary(run_dir, stage="final evaluation")  # a resume after a kill from here on only finishes
+        result.update(_final_evaluation(config, run_dir, source, runtime, loggers, result))
+    except RunStopped as stopped:
+        mark(status="stopped", error=str(stopped))
+        log.info(f"stopped: {stopped}")
+        if loggers is not None:
+            loggers.finish("KILLED")
         raise
     except KeyboardInterrupt:
-        if distributed.is_main:
-            update_summary(run_dir, status="interrupted", ended=environment()["created"])
-            log.warning(f"interrupted; continue with: imgcls train --resume {run_dir}")
-            if loggers is not None:
-                loggers.finish("KILLED")
+        mark(status="interrupted")
+        log.warning(f"interrupted; continue with: imgcls train --resume {run_dir}")
+        if loggers is not None:
+            loggers.finish("KILLED")
         raise
+    except DiskFullError as error:
+        mark(status="failed", error=str(error))
+        if loggers is not None:
+            loggers.finish("FAILED")
+        raise DiskFullError(error.path, error.needed, advice="free some space there, then continue with: "
+                            f"imgcls train --resume {run_dir}") from error
     except BaseException as error:
-        if distributed.is_main:
-            update_summary(run_dir, status="failed", ended=environment()["created"], error=f"{type(error).__name__}: {error}")
-            if loggers is not None:
-                loggers.finish("FAILED")
+        mark(status="failed", error=str(error) if isinstance(error, ImgclsError) else f"{type(error).__name__}: {error}")
+        if loggers is not None:
+            loggers.finish("FAILED")
         raise
-    if distributed.is_main:
-        update_summary(run_dir, status="completed", ended=environment()["created"], **result)
-        if loggers is not None:  # after the summary, so MLflow gets the final summary.json
-            loggers.finish("FINISHED", run_dir / "checkpoints" / "model.safetensors")
+    mark(status="completed", stage="done", **result)
+    if distributed.is_main and loggers is not None:  # after the summary, so MLflow gets the final summary.json
+        loggers.finish("FINISHED", run_dir / "checkpoints" / "model.safetensors")
     return run_dir
+
+
+def _ended_training(run_dir: Path, checkpoint: dict, monitor: str) -> dict[str, Any]:
+    """What `_fit` returns, for a run whose training had ended before it was stopped."""
+    rows = read_metrics(run_dir / "metrics.csv")
+    return {"best_epoch": checkpoint["best_epoch"], "best": {monitor: checkpoint["best"]},
+            "last_epoch": {key: float(value) for key, value in rows[-1].items()} if rows else {},
+            "train_minutes": sum(float(row["epoch_seconds"]) for row in rows) / 60}
 
 
 def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None,
@@ -490,7 +599,10 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         ema.update(model, step=ema_steps)
 
     # ---- resume: every piece of state, so the run continues as if never stopped
+    checkpoints = CheckpointSet(run_dir / "checkpoints")
     start_epoch, best, best_epoch, stale_epochs = 1, None, 0, 0
+    if is_main and checkpoint is None:
+        truncate_metrics(run_dir / "metrics.csv", 0)  # a run restarted from the beginning after an early kill
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -572,13 +684,12 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                 "class_names": class_names, "ema": ema.state_dict() if ema is not None else None,
                 "ema_steps": ema_steps,
             }
-            save_checkpoint(run_dir / "checkpoints" / "last.ckpt", state)
+            best_files = None  # (which weights, artifact metadata) when this epoch is the best so far
             if improved:
-                save_checkpoint(run_dir / "checkpoints" / "best.ckpt", state)
                 metrics = {key: value for key, value in row.items() if key.startswith("val_")}
                 metrics["weights"] = "ema" if weights is not model else "raw"
-                save_artifact(run_dir / "checkpoints" / "model.safetensors", weights.state_dict(),
-                              artifact_metadata(config, class_names, metrics, epoch, env, normalisation))
+                best_files = (metrics["weights"], artifact_metadata(config, class_names, metrics, epoch, env, normalisation))
+            checkpoints.save(state, best=best_files)
         log.info(
             f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc1 {row['val_acc1']:.4f}  val_acc5 {row['val_acc5']:.4f}  lr {lr:.2e}  "
@@ -596,13 +707,20 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             log.info(f"early stop: {monitor} has not improved for {stale_epochs} epochs (best at epoch {best_epoch})")
             break
 
-    # ---- final evaluation of the best weights on the test split (val when there is none)
     checksums = distributed.gather(parameters_checksum(model))
     result = {"best_epoch": best_epoch, "best": {monitor: best}, "last_epoch": row,
               "train_minutes": (time.perf_counter() - started) / 60}
     if distributed.enabled:
         result.update(world_size=distributed.world_size, ranks_in_sync=len(set(checksums)) == 1)
-    if is_main:
+    return result
+
+
+def _final_evaluation(config: Config, run_dir: Path, source: DataSource, runtime: Runtime,
+                      loggers: ExperimentLoggers | None, result: dict[str, Any]) -> dict[str, Any]:
+    """Calibrate the best weights on val and evaluate them on the test split (val when there is none),
+    on rank 0. Safe to run again after a kill: both start from the model artifact as training left it."""
+    output = {}
+    if runtime.distributed.is_main:
         split = "test" if "test" in source.splits else "val"
         if config.train.calibrate:
             calibration = calibrate(run_dir, device=str(runtime.device), target_precision=config.train.reject_precision)
@@ -613,11 +731,14 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         state_dict, metadata = load_artifact(artifact)
         metadata["metrics"].update({f"{split}_{key}": value for key, value in final.items()})
         save_artifact(artifact, state_dict, metadata)
+        last_epoch = int(result["last_epoch"].get("epoch", result["best_epoch"]))
         if loggers is not None:
-            loggers.log_final({f"{split}_{key}": value for key, value in final.items() if key != "n"}, step=row["epoch"])
-            loggers.log_image(f"confusion/{split}", run_dir / f"confusion_{split}.png", row["epoch"])
-        log.info(f"best {monitor} {best:.4f} at epoch {best_epoch}; {split} acc1 {final['acc1']:.4f}")
+            loggers.log_final({f"{split}_{key}": value for key, value in final.items() if key != "n"}, step=last_epoch)
+            loggers.log_image(f"confusion/{split}", run_dir / f"confusion_{split}.png", last_epoch)
+        monitor = config.train.monitor
+        log.info(f"best {monitor} {result['best'][monitor]:.4f} at epoch {result['best_epoch']}; "
+                 f"{split} acc1 {final['acc1']:.4f}")
         log.info(f"results: {run_dir}  (metrics.csv, predictions_{split}.csv, confusion_{split}.png, checkpoints/)")
-        result[f"{split}_metrics"] = final
-    distributed.barrier()
-    return result
+        output[f"{split}_metrics"] = final
+    runtime.distributed.barrier()
+    return output
