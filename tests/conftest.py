@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,31 @@ def run_root(tmp_path: Path) -> Path:
 def copy_tree(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+@pytest.fixture
+def small_disk(tmp_path_factory):
+    """A factory of small real disks, to test what a full disk does: `small_disk(size_kib=2048)`
+    mounts a tmpfs of that size on a new empty folder and returns the folder; every mount is undone
+    when the test ends. Writes past the size fail as on a full disk: OSError ENOSPC, or SIGBUS
+    through a memory map of a sparse file. Each file takes at least one 4 KiB page.
+
+    Skips the test when it cannot mount (not root, not Linux, a container without CAP_SYS_ADMIN).
+    """
+    mounted = []
+
+    def mount(size_kib: int = 2048) -> Path:
+        if not sys.platform.startswith("linux") or os.geteuid() != 0:
+            pytest.skip("small_disk mounts a tmpfs: needs root on Linux")
+        folder = tmp_path_factory.mktemp("small_disk")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs for small_disk: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        # lazy: detached even while a memory map of a file on it is still open
+        subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import median
 
 from imgcls.data.images import image_size_of, load_image, load_square
 from imgcls.data.augment import build_augment
-from imgcls.data.cache import build_cache, cache_bytes, open_cache
+from imgcls.data.cache import build_cache, cache_bytes, cached_paths, open_cache
 from imgcls.data.loaders import ImageDataset, balanced_sampler, default_workers, find_bad_images, make_loader
 from imgcls.data.packaged import PACKAGED, cache_dir, materialise
 from imgcls.data.sources import (
@@ -68,14 +70,31 @@ def _processes() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _free_gib(folder: Path) -> float:
+    """Free space on the disk that holds `folder` (or would: its first existing parent), GiB."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free / 2**30
+
+
+# the bad files already reported to each log destination (a run's log.txt; () for the console alone):
+# training, calibration and the final evaluation of a run each build datasets of the same files
+_reported: dict[tuple[str, ...], set[str]] = {}
+
+
 def _report_bad(bad: dict[str, str], on_bad_image: str) -> None:
+    """Raise (data.on_bad_image=fail) or warn about unreadable files, once per run for the same files."""
     if not bad:
         return
     listing = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:10])
     more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
     if on_bad_image == "fail":
         raise ImgclsError(f"{len(bad)} unreadable image(s): {listing}{more}; fix or remove them, or set data.on_bad_image=skip")
-    log.warning(f"left out {len(bad)} unreadable image(s): {listing}{more}")
+    destination = tuple(handler.baseFilename for handler in log.handlers if isinstance(handler, logging.FileHandler))
+    reported = _reported.setdefault(destination, set())
+    if not bad.keys() <= reported:
+        reported.update(bad)
+        log.warning(f"left out {len(bad)} unreadable image(s): {listing}{more}")
 
 
 def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[str], size: int, policy: str,
@@ -84,12 +103,13 @@ def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[s
 
     With the decoded-image cache (cache=on, or auto when it fits `cache_max_gib` of disk), every file is
     decoded once (once ever, while the files do not change) and batches are read from a memory map;
-    otherwise every file is checked up front and decoded each time it is used.
+    otherwise every file is checked up front and decoded each time it is used. A damaged cache is built
+    again (one warning); a cache that does not fit on the disk is an error with cache=on, a warning and
+    decoding from files with auto.
     Unreadable files are reported together and left out (or raise, with on_bad_image=fail).
     """
     index = {name: i for i, name in enumerate(class_names)}
-    # the cache holds the files sorted, whatever the split: another seed or split reuses it
-    paths = sorted({path for samples in splits.values() for path, _ in samples})
+    paths = cached_paths(splits)
     gib = cache_bytes(len(paths), size) / 2**30
     use_cache = cache == "on" or (cache == "auto" and gib <= cache_max_gib)
     if cache == "auto" and not use_cache:
@@ -97,7 +117,10 @@ def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[s
     images = None
     if use_cache:
         found = open_cache(paths, size, policy)
-        if found is None:
+        if found is None and cache == "auto" and gib > 0.9 * _free_gib(cache_dir()):  # leave room for checkpoints
+            log.warning(f"the decoded-image cache would take {gib:.1f} GiB and {cache_dir()} has "
+                        f"{_free_gib(cache_dir()):.1f} GiB free; decoding from files instead")
+        elif found is None:
             try:
                 found = build_cache(paths, size, policy, _processes())
             except ImgclsError as error:

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from imgcls.errors import ImgclsError
 
-__all__ = ["PACKAGED", "cache_dir", "materialise"]
+__all__ = ["PACKAGED", "atomic_folder", "cache_dir", "materialise"]
 
 log = logging.getLogger("imgcls")
 
@@ -67,6 +68,10 @@ def _fashion_mnist_arrays() -> Iterator[tuple[str, np.ndarray, np.ndarray, list[
             dataset = FashionMNIST(str(cache_dir() / "downloads"), train=split == "train", download=True)
             yield split, dataset.data.numpy(), dataset.targets.numpy(), FASHION_MNIST_CLASSES
     except Exception as error:
+        from imgcls.checkpoint import is_disk_full
+
+        if is_disk_full(error):  # not a missing dataset: atomic_folder says how full the disk is
+            raise
         raise ImgclsError(
             "Fashion-MNIST is not on this machine and could not be downloaded; "
             "install it with: sudo apt-get install dataset-fashion-mnist"
@@ -93,11 +98,56 @@ def _digits_arrays() -> Iterator[tuple[str, np.ndarray, np.ndarray, list[str]]]:
 BUILDERS: dict[str, Callable[[], Iterator]] = {"fashion-mnist": _fashion_mnist_arrays, "digits": _digits_arrays}
 
 
+@contextmanager
+def atomic_folder(target: Path, needed: int | None = None,
+                  advice: str = "free some space there or set IMGCLS_CACHE_DIR to a folder on a bigger disk"
+                  ) -> Iterator[Path]:
+    """A staging folder beside `target` to fill in the `with` block, renamed to `target` at its end.
+
+    Other processes see either no `target` or a complete one. Whatever stops the block (an error,
+    Ctrl-C, a full disk) removes the staging folder; a process killed outright leaves only a hidden
+    `.<name>.*.staging` folder, which nothing reads. When another process (a torchrun rank, a parallel
+    run) renamed its own copy first, that copy is kept and this one dropped.
+
+    Args:
+        target: the folder to create; its parent is created when missing.
+        needed: bytes the contents take, when known, for the disk-full message.
+        advice: what to do when the disk is full.
+
+    Raises:
+        DiskFullError: the disk filled up (ENOSPC or EDQUOT): one line saying what, where, how much
+            is free there once the staging folder is gone, and `advice`.
+    """
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+        yield staging
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(staging)  # another process finished first
+    except BaseException as error:
+        from imgcls.checkpoint import DiskFullError, is_disk_full
+
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)  # before measuring the free space
+        if is_disk_full(error):
+            raise DiskFullError(target, needed, advice) from error
+        raise
+
+
 def materialise(name: str) -> Path:
     """Write the packaged dataset `name` as `<cache>/datasets/<name>/{train,test}/<class>/<n>.png`, once.
 
-    Returns the folder. Written to a temporary folder first and renamed, so an interrupted
-    write never leaves half a dataset behind.
+    Returns:
+        The folder. It is written in a staging folder and renamed (`atomic_folder`), so an interrupted
+        or failed write never leaves half a dataset behind.
+
+    Raises:
+        ImgclsError: an unknown name, or the disk is full (the message says how much is free).
     """
     from PIL import Image
 
@@ -106,19 +156,14 @@ def materialise(name: str) -> Path:
     target = cache_dir() / "datasets" / name
     if (target / ".complete").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info(f"writing {name} as PNG files to {target} (once)")
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         for split, images, labels, class_names in BUILDERS[name]():
             for class_name in class_names:
                 (staging / split / class_name).mkdir(parents=True, exist_ok=True)
             for index, (image, label) in enumerate(zip(images, labels)):
                 Image.fromarray(image).save(staging / split / class_names[label] / f"{index:05d}.png", compress_level=1)
         (staging / ".complete").write_text("ok\n")
-        if target.exists():  # a half-written folder from an older version: replace it
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if target.exists() and not (target / ".complete").exists():  # half written by an older imgcls: replace it
+            shutil.rmtree(target, ignore_errors=True)
     return target
