@@ -100,6 +100,20 @@ def test_predict_folder_to_csv_with_a_bad_file(trained_run, shapes_folder, tmp_p
     assert sum(row["label"] == "circle" for row in good) >= 2
 
 
+
+def test_predict_exits_2_when_no_input_can_be_read(trained_run, tmp_path, capsys):
+    images = tmp_path / "broken"
+    images.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (images / name).write_bytes(b"not an image")
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("imgcls: error: none of the 2 files could be read") and error.count("\n") == 1
+    assert not out.exists()
+    assert main(["predict", str(trained_run), str(tmp_path / "nothing_*.jpg")]) == 2
+    assert "no images found at" in capsys.readouterr().err
+
 def test_predict_python_api_and_globs(trained_run, shapes_folder):
     import imgcls
 
@@ -134,6 +148,49 @@ def test_existing_run_name_needs_force(shapes_folder, run_root, capsys):
     assert len(read_csv(run_root / "mine" / "metrics.csv")) == 2
 
 
+
+@pytest.mark.parametrize("command, options", [
+    ("train", ["--force"]), ("cache", []), ("lr-find", ["--steps", "5"]),
+    ("sweep", ["--seeds", "1,2", "--name", "s"]), ("cv", ["--folds", "3"]), ("tune", ["--trials", "2"]),
+])
+def test_options_data_and_overrides_in_any_order(command, options):
+    from imgcls.cli import build_parser
+
+    expected = vars(build_parser().parse_args([command, *options, "-c", "c.yaml", "DATA", "train.epochs=1", "seed=3"]))
+    assert (expected["data"], expected["overrides"]) == ("DATA", ["train.epochs=1", "seed=3"])
+    for argv in ([command, "DATA", *options, "train.epochs=1", "-c", "c.yaml", "seed=3"],
+                 [command, "-c", "c.yaml", "train.epochs=1", *options, "seed=3", "DATA"],
+                 [command, "train.epochs=1", "DATA", "seed=3", "-c", "c.yaml", *options]):
+        assert vars(build_parser().parse_args(argv)) == expected, argv
+    if command == "lr-find":  # DATA is required: an override does not stand in for it
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "-c", "c.yaml", "train.epochs=1"])
+    else:  # DATA may come from the config file (or --resume)
+        parsed = build_parser().parse_args([command, "-c", "c.yaml", "train.epochs=1", *options])
+        assert (parsed.data, parsed.overrides) == (None, ["train.epochs=1"])
+
+
+def test_train_with_options_before_and_after_the_overrides(shapes_folder, run_root, tmp_path):
+    config = tmp_path / "base.yaml"
+    config.write_text("optim:\n  lr: 0.002\n")
+    # plain argparse fills DATA and the overrides at DATA: "train.epochs=1" after --force was "unrecognized"
+    assert main(["train", str(shapes_folder), "--force", "train.epochs=1", f"run.dir={run_root}", "run.name=mixed",
+                 "-c", str(config), *FAST]) == 0
+    saved = yaml.safe_load((run_root / "mixed" / "config.yaml").read_text())
+    assert (saved["optim"]["lr"], saved["train"]["epochs"], saved["data"]["path"]) == (0.002, 1, str(shapes_folder))
+    assert len(read_csv(run_root / "mixed" / "metrics.csv")) == 1
+
+
+def test_a_bad_image_is_reported_once_per_run(run_root, tmp_path):
+    from tests.conftest import write_class_folders
+
+    folder = write_class_folders(tmp_path / "shapes", per_class=6, seed=2)
+    (folder / "circle" / "broken.jpg").write_bytes(b"not an image")
+    # training, calibration and the final evaluation each read the files: one warning all the same
+    for name in ("first", "second"):  # and the next run in the same process warns again, in its own log
+        assert main(["train", str(folder), "train.epochs=1", f"run.dir={run_root}", f"run.name={name}", *FAST]) == 0
+        assert (run_root / name / "log.txt").read_text().count("unreadable image") == 1
+
 @pytest.mark.parametrize("override, expected", [
     ("train.epoch=3", "did you mean 'train.epochs'"),
     ("optim.name=adam", "expected one of ['adamw', 'sgd']"),
@@ -147,6 +204,15 @@ def test_bad_config_is_one_line_without_traceback(shapes_folder, run_root, capsy
     assert expected in error and "Traceback" not in error and error.count("\n") == 1
     assert not run_root.exists() or not any(run_root.iterdir())  # nothing half-created
 
+
+
+def test_an_image_size_too_large_to_decode_is_one_line(shapes_folder, run_root, capsys):
+    assert main(["train", str(shapes_folder), f"run.dir={run_root}", "model.name=small_resnet",
+                 "data.image_size=100000", "train.epochs=1"]) == 2
+    error = capsys.readouterr().err  # (run folder and data lines first, until config.py checks the size)
+    assert error.splitlines()[-1] == ("imgcls: error: data.image_size=100000: decoding one image at that size takes "
+                                      "27.9 GiB of memory; use at most 1024 (classifiers train at 224-600 px)")
+    assert "unreadable" not in error and "Traceback" not in error
 
 def test_missing_data_and_unknown_model(run_root, shapes_folder, capsys):
     assert main(["train", "/no/such/folder", f"run.dir={run_root}"]) == 2

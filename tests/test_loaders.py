@@ -100,6 +100,16 @@ def test_a_split_with_no_readable_image(tmp_path):
         build_datasets({"train": good, "val": [(str(empty), "red")]}, CLASSES, SIZE, "crop", cache="on")
 
 
+
+def test_an_image_size_too_large_to_decode_is_one_error_before_any_decoding(image_folder):
+    paths = [path for path, _ in image_folder[0]["val"]]
+    with pytest.raises(ImgclsError) as error:  # not a MemoryError (or the OOM killer) per image
+        ImageDataset(paths, [0] * len(paths), size=100_000, policy="crop")
+    message = str(error.value)
+    assert message.startswith("data.image_size=100000: decoding one image at that size takes 27.9 GiB of memory")
+    assert "use at most 1024" in message and "\n" not in message
+    assert ImageDataset(paths, [0] * len(paths), size=1024, policy="crop")[0][0].shape == (3, 1024, 1024)
+
 def test_parallel_decoding_matches_serial(tmp_path):
     # more than one chunk of 64 files, so two worker processes really run
     paths = [save_image(tmp_path / f"{i}.png", COLOURS["red"], i) for i in range(130)]

@@ -186,6 +186,23 @@ def test_manifest_header_is_case_and_space_insensitive(tmp_path):
     assert labels_of(resolve_source(str(manifest)).unsplit) == {"a": 1, "b": 1}
 
 
+
+def test_manifest_saved_by_excel_with_a_byte_order_mark_and_crlf(tmp_path):
+    make_images(tmp_path / "images", 4)
+    # Excel's "CSV UTF-8": a UTF-8 byte order mark before the header, CRLF line ends
+    lines = ["path,label,split", "images/000.png,café,train", "images/001.png,thé,train",
+             "images/002.png,café,val", "images/003.png,thé,val"]
+    manifest = tmp_path / "labels.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    source = resolve_source(str(manifest))
+    assert source.class_names == ["café", "thé"]
+    assert labels_of(source.splits["val"]) == {"café": 1, "thé": 1}
+    assert all(Path(path).is_file() for path, _ in source.splits["train"])
+    # Excel's plain "CSV" is the Windows code page: one line that says how to save it instead
+    manifest.write_bytes("\r\n".join(lines).encode("cp1252"))
+    with pytest.raises(ImgclsError, match="is not UTF-8 text; save it as UTF-8"):
+        resolve_source(str(manifest))
+
 def test_manifest_missing_columns(tmp_path):
     manifest = write_manifest(tmp_path / "labels.csv", [("000.png", "cat")], header=("file", "class"))
     with pytest.raises(ImgclsError, match="path,label") as error:

@@ -19,18 +19,12 @@ def _train(args: argparse.Namespace) -> int:
     from imgcls.config import load_config
     from imgcls.train import train
 
-    overrides, data = list(args.overrides), args.data
-    if data and "=" in data:  # `imgcls train -c x.yaml key=value`: the first override landed in DATA
-        overrides.insert(0, data)
-        data = None
     if args.resume:
-        if data:
+        if args.data:
             raise ImgclsError("give either DATA or --resume RUN, not both")
-        train(resume=args.resume, overrides=overrides)
+        train(resume=args.resume, overrides=args.overrides)
         return 0
-    if data:
-        overrides.insert(0, f"data.path={data}")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, _with_data_path(args))
     if not config.data.path:
         raise ImgclsError("no data: give DATA (a folder, a CSV, or fashion-mnist/digits) or data.path in the config")
     train(config, force=args.force)
@@ -40,9 +34,37 @@ def _train(args: argparse.Namespace) -> int:
 def _cache(args: argparse.Namespace) -> int:
     from imgcls.config import load_config
     from imgcls.data import cache_dir
-    from imgcls.train import cache_dataset
+    from imgcls.data.cache import cache_entries, cache_folder, cached_paths, check_entry, remove_entry
+    from imgcls.train import cache_dataset, resolve_data
 
-    config, count = cache_dataset(load_config(args.config, [f"data.path={args.data}", *args.overrides]))
+    if not args.data and not (args.verify or args.clear):
+        raise ImgclsError("give DATA to cache, or --verify / --clear for every entry of the cache folder")
+    config = load_config(args.config, [f"data.path={args.data}", *args.overrides]) if args.data else None
+    if args.verify or args.clear:
+        if config is None:
+            entries = cache_entries()
+        else:  # the one entry that training with these settings reads
+            config, source = resolve_data(config)
+            entry = cache_folder(cached_paths(source.splits), config.data.image_size, config.data.resize)
+            entries = [entry] if entry.is_dir() else []
+        freed, corrupt = 0, 0
+        for entry in entries:
+            if args.clear:
+                size = remove_entry(entry)
+                print(f"removed  {entry} ({size:,} bytes)")
+            elif problem := check_entry(entry, thorough=True):
+                size, corrupt = remove_entry(entry), corrupt + 1
+                print(f"corrupt  {entry}: {problem}; removed")
+            else:
+                size = 0
+                print(f"ok       {entry}")
+            freed += size
+        outcome = (f"{len(entries) - corrupt} ok, {corrupt} corrupt (removed)" if args.verify
+                   else f"{len(entries)} removed")
+        print(f"cache entries in {cache_dir() / 'decoded'}: {outcome}; {freed:,} bytes freed")
+        if config is None or args.clear:
+            return 0
+    config, count = cache_dataset(config)  # builds the entry when it is missing or was corrupt
     log.info(f"{count} images decoded at {config.data.image_size} px ({config.data.resize}) for "
              f"model.name={config.model.name}, in {cache_dir() / 'decoded'}; `imgcls train` with the same "
              "settings starts from it")
@@ -78,22 +100,15 @@ def _seeds(text: str) -> list[int]:
         raise ImgclsError(f"--seeds {text}: give integers separated by commas, e.g. --seeds 42,123,777") from None
 
 
-def _split_data(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """DATA is optional when a config file or --resume gives it: then the first override lands in it."""
-    overrides, data = list(args.overrides), args.data
-    if data and "=" in data:
-        overrides.insert(0, data)
-        data = None
-    return data, overrides
+def _with_data_path(args: argparse.Namespace) -> list[str]:
+    """The overrides, led by data.path=DATA when DATA is given (else a config file gives data.path)."""
+    return [f"data.path={args.data}", *args.overrides] if args.data else list(args.overrides)
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from imgcls.sweep import sweep
 
-    data, overrides = _split_data(args)
-    if data:
-        overrides.insert(0, f"data.path={data}")
-    sweep(args.config, overrides, _seeds(args.seeds), name=args.name, jobs=args.jobs, resume=args.resume,
+    sweep(args.config, _with_data_path(args), _seeds(args.seeds), name=args.name, jobs=args.jobs, resume=args.resume,
           verbose=args.verbose)
     return 0
 
@@ -101,21 +116,19 @@ def _sweep(args: argparse.Namespace) -> int:
 def _cv(args: argparse.Namespace) -> int:
     from imgcls.sweep import cross_validate
 
-    data, overrides = _split_data(args)
-    if not data and not args.resume:
+    if not args.data and not args.resume:
         raise ImgclsError("imgcls cv needs DATA (a folder, CSV or packaged dataset), or --resume FOLDER")
-    cross_validate(data, args.config, overrides, folds=args.folds, name=args.name, jobs=args.jobs, resume=args.resume,
-                   verbose=args.verbose)
+    cross_validate(args.data, args.config, args.overrides, folds=args.folds, name=args.name, jobs=args.jobs,
+                   resume=args.resume, verbose=args.verbose)
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
     from imgcls.sweep import tune
 
-    data, overrides = _split_data(args)
     index, _, count = args.worker.partition("/")
-    tune(data, args.config, overrides, trials=args.trials, space_file=args.space, name=args.name, jobs=args.jobs,
-         resume=args.resume, verbose=args.verbose, worker=(int(index), int(count or 1)))
+    tune(args.data, args.config, args.overrides, trials=args.trials, space_file=args.space, name=args.name,
+         jobs=args.jobs, resume=args.resume, verbose=args.verbose, worker=(int(index), int(count or 1)))
     return 0
 
 
@@ -162,6 +175,9 @@ def _predict(args: argparse.Namespace) -> int:
     rows = classifier.predict(paths, topk=args.topk, reject=args.reject)
     topk = max(1, min(args.topk, len(classifier.class_names)))
     failed = sum(1 for row in rows if row["error"])
+    if failed == len(rows):  # nothing to write: a script must see the failure in the exit code
+        raise ImgclsError(f"none of the {len(rows)} files could be read (e.g. {rows[0]['path']}: {rows[0]['error']}); "
+                          "give image files (JPEG, PNG, WebP, BMP, TIFF or GIF)")
     if args.out:
         write_predictions_csv(args.out, rows, topk)
         log.info(f"wrote {len(rows)} predictions to {args.out}" + (f" ({failed} unreadable)" if failed else ""))
@@ -214,10 +230,39 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its options, DATA and key=value overrides go in any order
+    (`imgcls sweep DATA --seeds 1,2 train.epochs=1`). Plain argparse fills all positionals from the first
+    run of positional words, so a key=value after an option is "unrecognized"; parse_intermixed_args does
+    not, but refuses a parser with subcommands: so each subcommand's parser intermixes the words the top
+    parser hands it. DATA is then the first positional that is not key=value (a config file or --resume
+    may give it instead)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args parses through this method (Python < 3.13)
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+        if hasattr(namespace, "overrides"):
+            words = [word for word in (namespace.data, *namespace.overrides) if word is not None]
+            namespace.data = next((word for word in words if "=" not in word), None)
+            if namespace.data is not None:
+                words.remove(namespace.data)
+            elif any(action.dest == "data" and action.required for action in self._actions):
+                self.error("the following arguments are required: data")
+            namespace.overrides = words
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and use image classifiers.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     train = commands.add_parser("train", help="train a model; creates runs/<name>/",
                                 description="Train a model. Config keys are set with key=value (e.g. train.epochs=5).")
@@ -228,12 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="replace an existing run folder of the same run.name")
     train.set_defaults(handler=_train)
 
-    cache = commands.add_parser("cache", help="decode a dataset once into the decoded-image cache, ahead of training",
+    cache = commands.add_parser("cache", help="decode a dataset once into the decoded-image cache; verify or clear it",
                                 description="Decode every image once at the training size (same key=value "
-                                            "settings as train), so that training starts at once.")
-    cache.add_argument("data", help="folder, CSV manifest or packaged dataset")
+                                            "settings as train), so that training starts at once. --verify and "
+                                            "--clear act on the entry for DATA at these settings, or without DATA "
+                                            "on every entry of the cache folder.")
+    cache.add_argument("data", nargs="?", help="folder, CSV manifest or packaged dataset")
     cache.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     cache.add_argument("-c", "--config", help="YAML config file")
+    action = cache.add_mutually_exclusive_group()
+    action.add_argument("--verify", action="store_true",
+                        help="hash every byte and compare with the hashes recorded at build time; report each "
+                             "entry ok or corrupt, remove corrupt ones (and build DATA's again)")
+    action.add_argument("--clear", action="store_true", help="remove the entries and report the bytes freed")
     cache.set_defaults(handler=_cache)
 
     lr_find = commands.add_parser("lr-find", help="learning-rate range test: a plot and a suggested optim.lr",

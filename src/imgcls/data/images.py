@@ -8,11 +8,31 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_image", "fit_to_square", "load_square", "image_size_of"]
+from imgcls.errors import ImgclsError
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_SIZE", "check_image_size", "is_image_file", "load_image", "fit_to_square",
+           "load_square", "image_size_of"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
+# The largest `data.image_size`, in pixels: a decoded image is 3 MiB there and a batch of 256 is 0.75 GiB
+# (more as float in the model). Classifiers train at 224-600 px; far above, memory fails before the model.
+MAX_IMAGE_SIZE = 1024
+
 ResizePolicy = Literal["crop", "pad", "squish"]
+
+
+def check_image_size(size: int) -> None:
+    """Refuse a square side above `MAX_IMAGE_SIZE` before any image is decoded at it.
+
+    Raises:
+        ImgclsError: naming data.image_size, its value and the memory one decoded image would take.
+    """
+    if size > MAX_IMAGE_SIZE:
+        needed = size * size * 3  # bytes: uint8 RGB
+        amount = f"{needed / 2**30:.1f} GiB" if needed >= 2**30 else f"{needed / 2**20:.0f} MiB"
+        raise ImgclsError(f"data.image_size={size}: decoding one image at that size takes {amount} of memory; "
+                          f"use at most {MAX_IMAGE_SIZE} (classifiers train at 224-600 px)")
 
 
 def is_image_file(path: str | Path) -> bool:

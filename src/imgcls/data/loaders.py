@@ -12,15 +12,13 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from imgcls.data.images import load_square
+from imgcls.data.images import check_image_size, load_square
 from imgcls.errors import ImgclsError
 
 __all__ = ["ImageDataset", "balanced_sampler", "decode_into", "find_bad_images", "make_loader", "default_workers"]
@@ -97,6 +95,7 @@ class ImageDataset(Dataset):
                  images: np.ndarray | None = None, rows: list[int] | None = None):
         """images: N x size x size x 3 uint8 (a memory map of the cache); rows: the row of `images` that
         holds each path (default: row i for path i)."""
+        check_image_size(size)
         self.paths, self.labels = paths, torch.as_tensor(labels, dtype=torch.long)
         self.size, self.policy = size, policy
         self.images = torch.from_numpy(images) if images is not None else None  # shares the memory map
@@ -114,6 +113,8 @@ class ImageDataset(Dataset):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
                 return torch.from_numpy(load_square(path, self.size, self.policy)).permute(2, 0, 1).contiguous()
+            except MemoryError:
+                raise  # not this file's fault: every other file would fail alike
             except Exception as error:
                 # the file changed since it was checked; never stop an epoch for one image
                 log.warning(f"skipping unreadable image {path}: {error}")

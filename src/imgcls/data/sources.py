@@ -65,13 +65,17 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 
 def read_manifest(path: Path) -> DataSource:
-    """A CSV with a header `path,label[,split]`; relative paths are relative to the CSV's folder."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
-        if "path" not in columns or "label" not in columns:
-            raise ImgclsError(f"{path} must have a header row with columns path,label[,split]; found {columns}")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    """A CSV with a header `path,label[,split]`; relative paths are relative to the CSV's folder.
+    UTF-8, with or without the byte order mark that Excel writes; any line ends."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip().lower() for c in reader.fieldnames or []]
+            if "path" not in columns or "label" not in columns:
+                raise ImgclsError(f"{path} must have a header row with columns path,label[,split]; found {columns}")
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError:
+        raise ImgclsError(f"{path} is not UTF-8 text; save it as UTF-8 (in Excel: CSV UTF-8)") from None
     if not rows:
         raise ImgclsError(f"{path} lists no images")
     splits: dict[str, list] = {}
@@ -217,7 +221,7 @@ def write_splits_csv(source: DataSource, path: Path) -> None:
     Paths are written absolute: `read_splits_csv` resolves relative ones against the CSV's folder
     (the run folder), not against the working directory they were relative to.
     """
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:  # what read_manifest reads, on any platform
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "split"])
         for split, samples in source.splits.items():
