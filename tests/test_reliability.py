@@ -1,11 +1,16 @@
 """Nothing lost, nothing silent: run folders stay inside run.dir, a kill at any instant leaves a
 consistent checkpoint set that resumes to the uninterrupted result, a diverging loss stops the run
-and keeps the last good model, and a run whose process died reads as interrupted."""
+and keeps the last good model, a full disk is one sentence, a run whose process died reads as
+interrupted, and training beside a busy program uses only the free cores."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,6 +181,9 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_model(shapes_fol
     assert metadata["epoch"] == 1
     assert all(torch.isfinite(value).all() for value in weights.values())
     assert len(read_metrics(run)) == 1
+    # the threads and how they were chosen are on record
+    assert int(read_metrics(run)[0]["cpu_threads"]) >= 1
+    assert "free cores" in json.loads((run / "env.json").read_text())["cpu_thread_policy"]
 
 
 def test_an_infinite_learning_rate_is_a_config_error():
@@ -256,3 +264,42 @@ def test_a_full_disk_is_one_sentence_keeps_the_last_checkpoint_and_resumes(shape
     assert main(["train", "--resume", str(runs / "full")]) == 0
     assert read_summary(runs / "full")["status"] == "completed"
     assert len(read_metrics(runs / "full")) == 3
+
+
+# --- a shared machine ---------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_threads_follow_the_free_cores_beside_busy_programs(restore_threads, monkeypatch):
+    from imgcls.runtime import CoreShare, usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(usable_cores())
+    share = CoreShare(every_seconds=0.5)
+    assert share.threads == cores and "free cores" in share.policy
+    # other programs, not children of this process (whose CPU time CoreShare counts as its own)
+    started = [subprocess.run(["sh", "-c", f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                              capture_output=True, text=True, check=True) for _ in range(max(1, cores - 1))]
+    busy = [int(result.stdout) for result in started]
+    try:
+        time.sleep(0.7)
+        assert share.adjust() == 1, share.others  # every core but one taken, or the only one shared
+        assert share.others > 0.5
+    finally:
+        for pid in busy:
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.7)
+    assert share.adjust() == cores, share.others  # alone again: every core
+
+
+def test_an_explicit_omp_num_threads_is_obeyed(restore_threads, monkeypatch):
+    from imgcls.runtime import CoreShare
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    share = CoreShare(every_seconds=0.0)
+    assert share.threads == 1 and share.adjust() == 1 and share.policy == "OMP_NUM_THREADS=1"

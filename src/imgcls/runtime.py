@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +17,11 @@ import torch
 from imgcls.errors import ImgclsError
 
 __all__ = [
-    "Distributed", "Runtime", "choose_device", "choose_precision", "seed_everything", "rng_state", "set_rng_state",
+    "Distributed", "Runtime", "CoreShare", "choose_device", "choose_precision", "seed_everything", "rng_state",
+    "set_rng_state", "usable_cores",
 ]
+
+log = logging.getLogger("imgcls")
 
 
 def choose_device(requested: str = "auto") -> torch.device:
@@ -148,10 +154,11 @@ class Runtime:
     precision: str  # fp32, bf16 or fp16
     channels_last: bool
     distributed: Distributed = field(default_factory=Distributed)
+    cores: CoreShare | None = None  # training re-sizes its CPU threads to the free cores
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "auto",
-               distributed: Distributed | None = None) -> "Runtime":
+    def create(cls, device: str = "auto", precision: str = "auto", distributed: Distributed | None = None,
+               cores: CoreShare | None = None) -> "Runtime":
         distributed = distributed or Distributed()
         if distributed.enabled and device == "auto" and torch.cuda.is_available():
             device = f"cuda:{distributed.local_rank}"  # one GPU per process
@@ -160,7 +167,7 @@ class Runtime:
             torch.cuda.set_device(resolved)
         # channels_last: the layout oneDNN and cuDNN convolutions run fastest in (measured ~1.2-1.9x on CPU)
         return cls(resolved, choose_precision(precision, resolved), channels_last=resolved.type in ("cpu", "cuda"),
-                   distributed=distributed)
+                   distributed=distributed, cores=cores)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -184,11 +191,98 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
 
-def set_threads(processes_per_machine: int = 1) -> None:
-    """Intra-op threads = the cores we may use (affinity-aware, so containers and taskset are respected),
-    shared between the processes of a torchrun job on this machine: no oversubscription."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(1, processes_per_machine)))
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (affinity-aware: containers and taskset are respected)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+class CoreShare:
+    """Intra-op threads sized to the cores that are free, re-checked while training.
+
+    An OpenMP thread whose core is taken by another busy program still waits for it at every
+    parallel region's barrier, spinning: with 2 threads on 2 cores beside one busy program, small
+    models ran at well under their fair share. Every `every_seconds` this measures, from /proc/stat, how
+    many of our cores other programs kept busy (our own process and its loader workers excluded) and
+    uses the rest, at least 1 thread: alone it is every core, as before; beside a busy program it is
+    one thread fewer, with no barrier left to spin at. An explicit OMP_NUM_THREADS is obeyed as is.
+    The cores are shared between the processes of a torchrun job on one machine.
+    """
+
+    def __init__(self, processes_per_machine: int = 1, every_seconds: float = 5.0):
+        self.cores = usable_cores()
+        self.most = max(1, len(self.cores) // max(1, processes_per_machine))
+        self.every_seconds = every_seconds
+        requested = os.environ.get("OMP_NUM_THREADS", "")
+        self.fixed = int(requested) if requested.isdigit() and int(requested) > 0 else None
+        self.policy = (f"OMP_NUM_THREADS={self.fixed}" if self.fixed else
+                       f"the free cores of {len(self.cores)}, re-checked every {every_seconds:g} s"
+                       + (" (not measurable here: all of them)" if _busy_ticks(self.cores) is None else ""))
+        self.others = 0.0  # cores that other programs kept busy over the last interval
+        self._sample = self._measure()
+        torch.set_num_threads(self.fixed or self.most)
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    def _measure(self) -> tuple[float, int, int] | None:
+        busy = _busy_ticks(self.cores)
+        return None if busy is None else (time.monotonic(), busy, _own_ticks())
+
+    def adjust(self) -> int:
+        """Re-size the threads when `every_seconds` have passed since the last measurement; returns
+        the number of threads."""
+        if self.fixed or self._sample is None or time.monotonic() - self._sample[0] < self.every_seconds:
+            return self.threads
+        now = self._measure()
+        (then, busy_then, own_then), (moment, busy, own) = self._sample, now
+        ticks = (moment - then) * os.sysconf("SC_CLK_TCK")
+        self.others = max(0.0, (busy - busy_then - (own - own_then)) / ticks)
+        self._sample = now
+        threads = max(1, min(self.most, round(len(self.cores) - self.others)))
+        if threads != self.threads:
+            log.info(f"other programs keep {self.others:.1f} of {len(self.cores)} CPU cores busy: "
+                     f"{threads} thread(s) from now on")
+            torch.set_num_threads(threads)
+        return threads
+
+
+def _busy_ticks(cores: list[int]) -> int | None:
+    """Clock ticks the given cores spent busy since boot (all processes), from /proc/stat; None off Linux."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    wanted = {f"cpu{core}" for core in cores}
+    total = 0
+    for line in lines:
+        name, *values = line.split()
+        if name in wanted:  # user nice system idle iowait irq softirq steal ...: all but idle and iowait
+            numbers = [int(value) for value in values[:8]]
+            total += sum(numbers) - numbers[3] - numbers[4]
+    return total
+
+
+def _own_ticks() -> int:
+    """Clock ticks used by this process (all its threads) and its live children (DataLoader workers)."""
+    total = 0
+    for pid in [os.getpid(), *_children()]:
+        try:  # utime and stime: fields 14 and 15, counted after the command name (which may hold spaces)
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _children() -> list[int]:
+    children = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            children += [int(pid) for pid in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -328,6 +328,7 @@ _MAX_PARAM_CHARACTERS = 6000  # MLflow rejects longer parameter values
 _SCALAR_TAGS = {
     "lr": "lr", "epoch_seconds": "time/epoch_seconds", "data_wait": "time/data_wait",
     "train_images_per_s": "throughput/images_per_s", "train_gflops_per_s": "throughput/gflops_per_s",
+    "cpu_threads": "throughput/cpu_threads",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from imgcls.losses import build_loss
 from imgcls.models import (
     create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image,
 )
-from imgcls.runtime import Distributed, Runtime, rng_state, seed_everything, set_rng_state, set_threads
+from imgcls.runtime import CoreShare, Distributed, Runtime, rng_state, seed_everything, set_rng_state
 from imgcls.tracking import (
     ExperimentLoggers, StepProgress, append_metrics, create_run_dir, environment, process_identity, process_is_alive,
     read_metrics, read_summary, setup_logging, truncate_metrics, update_summary,
@@ -134,6 +135,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         ready = time.perf_counter()
         for index, (images, labels) in enumerate(loader):
             waited += time.perf_counter() - ready
+            if runtime.cores is not None:
+                runtime.cores.adjust()  # every few seconds: as many threads as there are free cores
             images, labels = runtime.to_device(images), labels.to(runtime.device, non_blocking=True)
             if augment is not None:
                 images = runtime.layout(augment(images))
@@ -443,28 +446,30 @@ def train(config: Config | None = None, *, resume: str | Path | None = None, ove
         RunStopped: `on_epoch` stopped the run.
     """
     distributed = Distributed.from_environment()
-    set_threads(distributed.local_world_size)
+    cores = CoreShare(distributed.local_world_size)
     try:
-        return _train(config, resume, list(overrides), force, distributed, on_epoch)
+        return _train(config, resume, list(overrides), force, distributed, cores, on_epoch)
     finally:
         distributed.shutdown()
 
 
 def _train(config: Config | None, resume: str | Path | None, overrides: list[str], force: bool,
-           distributed: Distributed, on_epoch: Callable[[int, dict[str, float]], None] | None) -> Path:
+           distributed: Distributed, cores: CoreShare,
+           on_epoch: Callable[[int, dict[str, float]], None] | None) -> Path:
     resumption = Resumption(None, training_ended=False)
     if resume is not None:
         config, run_dir, source, resumption = _resume_run(resume, overrides, force)  # every rank reads the files
     elif config is None:
         raise ImgclsError("train() needs a config or resume=RUN")
-    runtime = Runtime.create(config.device, config.train.precision, distributed)  # fails before any folder exists
+    runtime = Runtime.create(config.device, config.train.precision, distributed, cores)  # fails before any folder exists
     if resume is None:
         config, run_dir, source = _on_main(distributed, _start_run, config, force)
     setup_logging(run_dir if distributed.is_main else None, quiet=not distributed.is_main)
     # each rank its own seed: different augmentations; DDP copies rank 0's initial weights to all
     seed_everything(config.seed + distributed.rank, config.train.deterministic)
     env = environment(device=str(runtime.device), precision=runtime.precision, seed=config.seed,
-                      world_size=distributed.world_size)
+                      world_size=distributed.world_size, cpu_thread_policy=cores.policy,
+                      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "libgomp's default (spin a while, then sleep)"))
     checkpoint = resumption.checkpoint
     if distributed.is_main:
         atomic_write(run_dir / "env.json", json.dumps(env, indent=2).encode())
@@ -671,6 +676,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             "train_images_per_s": stats["images"] / stats["seconds"], "data_wait": stats["data_wait"],
             # achieved model arithmetic (all processes together): compare with the device's peak
             "train_gflops_per_s": (flops_per_image or 0.0) * stats["images"] / stats["seconds"] / 1e9,
+            "cpu_threads": torch.get_num_threads(),  # at the end of the epoch (see runtime.CoreShare)
         }
         rng = distributed.gather(rng_state())
         if is_main:
