@@ -121,6 +121,7 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(shap
     reference_weights = load_file(runs / "straight" / "checkpoints" / "model.safetensors")
 
     kill_points = {
+        "before-the-splits-are-saved": ("imgcls.train:write_splits_csv", 1),
         "before-first-checkpoint": ("last.ckpt", 1),
         "after-last-before-best": ("best.ckpt", best_writes),  # the reported bug: the artifact lagged
         "after-best-before-artifact": ("model.safetensors", best_writes),

@@ -349,4 +349,6 @@ def config_from_dict(values: dict) -> Config:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    from imgcls.checkpoint import atomic_write  # here: it imports torch, which loading a config does not need
+
+    atomic_write(path, OmegaConf.to_yaml(OmegaConf.structured(config)).encode())  # never half a config

@@ -264,10 +264,10 @@ def process_is_alive(summary: dict[str, Any]) -> bool | None:
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    """summary.json, with `running` read as `interrupted` when the recorded process is gone (killed
-    with SIGKILL, out of memory, a machine that rebooted): then nothing will ever finish the run."""
+    """summary.json, with `created` or `running` read as `interrupted` when the recorded process is gone
+    (killed with SIGKILL, out of memory, a machine that rebooted): then nothing will ever finish the run."""
     summary = _read_summary_file(run_dir)
-    if summary.get("status") == "running" and process_is_alive(summary) is False:
+    if summary.get("status") in ("created", "running") and process_is_alive(summary) is False:
         summary["status"] = "interrupted"
         summary["error"] = (f"the process that ran it (pid {summary['pid']} on {summary['host']}) ended without "
                             f"finishing; continue with: imgcls train --resume {run_dir}")

@@ -333,7 +333,8 @@ def resolve_data(config: Config) -> tuple[Config, DataSource]:
 def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     config, source = resolve_data(config)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
-    update_summary(run_dir, status="created", run=str(run_dir))  # from now on --force may replace it
+    # from now on --force may replace the folder; the process is recorded from the start (see read_summary)
+    update_summary(run_dir, status="created", run=str(run_dir), **process_identity())
     # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
     save_config(config, run_dir / "config.yaml")
     config = replace(config, run=replace(config.run, name=run_dir.name))
@@ -355,6 +356,9 @@ class Resumption:
 def _resume_run(run: str | Path, overrides: list[str], force: bool) -> tuple[Config, Path, DataSource, Resumption]:
     run_dir = Path(run)
     if not (run_dir / "config.yaml").exists():
+        if (run_dir / "summary.json").exists():  # killed in the instant between creating the folder and its config
+            raise ImgclsError(f"cannot resume {run_dir}: it was stopped before its settings were saved; start it "
+                              "again with the same command and --force (which replaces that folder)")
         raise ImgclsError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
     saved = load_config(run_dir / "config.yaml")
     config = load_config(run_dir / "config.yaml", overrides)
@@ -363,7 +367,7 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool) -> tuple[Con
         raise ImgclsError(f"cannot change '{changed[0]}' when resuming (only {', '.join(RESUMABLE_OVERRIDES)}); "
                           f"start a new run with -c {run_dir}/config.yaml instead")
     summary = read_summary(run_dir)
-    if summary.get("status") == "running" and not force:
+    if summary.get("status") in ("created", "running") and not force:
         alive = process_is_alive(summary)
         if alive:
             raise ImgclsError(f"{run_dir} is still being trained (pid {summary['pid']}); wait for it or stop it first")
@@ -392,7 +396,11 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool) -> tuple[Con
         resumption = Resumption(checkpoint, training_ended=ended)
     if raised_epochs:
         log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
-    source = read_splits_csv(run_dir / "splits.csv", config.data.path)
+    if (run_dir / "splits.csv").exists():
+        source = read_splits_csv(run_dir / "splits.csv", config.data.path)
+    else:  # killed before it was written: the splits are a function of the saved config (data.split_seed)
+        config, source = resolve_data(config)
+        write_splits_csv(source, run_dir / "splits.csv")
     config = replace(config, run=replace(config.run, name=run_dir.name))
     return config, run_dir, source, resumption
 

@@ -4,6 +4,7 @@ or a packaged dataset, all turned into the same `DataSource` (class names + samp
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -221,11 +222,15 @@ def write_splits_csv(source: DataSource, path: Path) -> None:
     Paths are written absolute: `read_splits_csv` resolves relative ones against the CSV's folder
     (the run folder), not against the working directory they were relative to.
     """
-    with open(path, "w", newline="", encoding="utf-8") as handle:  # what read_manifest reads, on any platform
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
-        for split, samples in source.splits.items():
-            writer.writerows((os.path.abspath(image), label, split) for image, label in samples)
+    from imgcls.checkpoint import atomic_write
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "label", "split"])
+    for split, samples in source.splits.items():
+        writer.writerows((os.path.abspath(image), label, split) for image, label in samples)
+    # atomic: a run killed while writing it must not resume on half its images
+    atomic_write(path, text.getvalue().encode("utf-8"))  # what read_manifest reads, on any platform
 
 
 def read_splits_csv(path: Path, name: str) -> DataSource:
