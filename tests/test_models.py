@@ -194,8 +194,23 @@ def test_a_pickle_of_objects_is_refused_without_running_it(tmp_path, capsys, pay
     assert "pwned" in capsys.readouterr().out or created.exists() or payload == "another class"
 
 
+def test_resume_refuses_a_last_ckpt_that_would_run_code(tmp_path, capsys):
+    import imgcls
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 1\n")
+    created = tmp_path / "created_by_the_payload"
+    torch.save({"epoch": 1, "x": RunsWhenLoaded(open, (str(created), "w"))}, run / "checkpoints" / "last.ckpt")
+    with pytest.raises(ImgclsError) as error:
+        imgcls.train(resume=run)
+    assert str(error.value) == (f"refusing to load checkpoint {run / 'checkpoints' / 'last.ckpt'}: it is not a "
+                                "plain-tensor checkpoint (loading it could run code)")
+    assert not created.exists()
+
+
 def test_checkpoints_load_through_the_same_safe_loader(tmp_path):
-    from imgcls.pretrained import load_tensors_safely
+    from imgcls.checkpoint import load_tensors_safely
 
     path = tmp_path / "last.ckpt"
     torch.save({"model": {"weight": torch.ones(2)}, "epoch": 3, "rng": [torch.zeros(4, dtype=torch.uint8)]}, path)
@@ -205,6 +220,7 @@ def test_checkpoints_load_through_the_same_safe_loader(tmp_path):
     with pytest.raises(ImgclsError) as error:
         load_tensors_safely(path, "checkpoint")
     assert str(error.value).startswith(f"cannot read checkpoint {path}: not a complete file written by torch.save")
+
 
 def test_training_flops_are_counted_without_running_the_model():
     from imgcls.models import training_flops_per_image

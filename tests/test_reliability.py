@@ -117,6 +117,8 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(shap
     straight = run_cli(*common, "run.name=straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     reference = read_summary(runs / "straight")
+    # resumed runs are compared bit for bit: a deterministic run never re-sizes its threads
+    assert "deterministic" in json.loads((runs / "straight" / "env.json").read_text())["cpu_thread_policy"]
     best_writes = improvements(runs / "straight")  # the last of these is the final best epoch
     reference_weights = load_file(runs / "straight" / "checkpoints" / "model.safetensors")
 
@@ -304,3 +306,13 @@ def test_an_explicit_omp_num_threads_is_obeyed(restore_threads, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     share = CoreShare(every_seconds=0.0)
     assert share.threads == 1 and share.adjust() == 1 and share.policy == "OMP_NUM_THREADS=1"
+
+
+def test_deterministic_training_keeps_its_thread_count(restore_threads, monkeypatch):
+    from imgcls.runtime import CoreShare
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    share = CoreShare(every_seconds=0.0)
+    share.keep_fixed("train.deterministic=true (results depend on the thread count)")
+    threads = share.threads
+    assert share.adjust() == threads and "deterministic" in share.policy

@@ -186,12 +186,12 @@ class CheckpointSet:
     def save(self, state: dict[str, Any], best: tuple[str, dict[str, Any]] | None = None) -> None:
         """Save an epoch's training `state`; `best=(weights, artifact metadata)` when it is the best so
         far, `weights` being "raw" (state["model"]) or "ema" (the averaged weights in state["ema"])."""
-        record = {**state, "artifact": None if best is None else {"weights": best[0], "metadata": json.dumps(best[1], default=str)}}
-        buffer = io.BytesIO()
-        torch.save(record, buffer)
-        atomic_write(self.last, buffer.getvalue())
+        artifact = None if best is None else {"weights": best[0], "metadata": json.dumps(best[1], default=str)}
+        record = {**state, "artifact": artifact}
+        serialised = _serialise(record)
+        atomic_write(self.last, serialised)
         if best is not None:
-            self._write_best(record, buffer.getvalue())
+            self._write_best(record, serialised)
 
     def _write_best(self, record: dict[str, Any], serialised: bytes) -> None:
         atomic_write(self.best, serialised)
@@ -202,23 +202,25 @@ class CheckpointSet:
         `last.ckpt`) because a kill came between the writes. Returns the names of the files rewritten."""
         if record.get("artifact") is None:  # not a best epoch: the best files were complete before it
             return []
-        epoch = record["epoch"]
-        lagging = []
-        if not self.best.is_file() or _saved_epoch(lambda: torch.load(self.best, map_location="cpu", weights_only=True, mmap=True)) != epoch:
-            lagging.append(self.best.name)
-        if not self.artifact.is_file() or _saved_epoch(lambda: load_artifact(self.artifact)[1]) != epoch:
-            lagging.append(self.artifact.name)
+        lagging = [path.name for path in (self.best, self.artifact) if _saved_epoch(path) != record["epoch"]]
         if lagging:
-            buffer = io.BytesIO()
-            torch.save(record, buffer)
-            self._write_best(record, buffer.getvalue())
+            self._write_best(record, _serialise(record))
         return lagging
 
 
-def _saved_epoch(read) -> int | None:
+def _serialise(record: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    return buffer.getvalue()
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint or model artifact was saved at; None when it is missing or unreadable."""
     try:
-        return read().get("epoch")
-    except Exception:  # a file from an older version, or unreadable: rewrite it
+        if path.suffix == ".safetensors":
+            return load_artifact(path)[1].get("epoch")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:  # missing, from an older version, or damaged: rewrite it
         return None
 
 

@@ -225,6 +225,11 @@ class CoreShare:
     def threads(self) -> int:
         return torch.get_num_threads()
 
+    def keep_fixed(self, reason: str) -> None:
+        """Stop re-sizing: keep the threads as they are now."""
+        self.fixed = self.threads
+        self.policy = f"{self.fixed} thread(s), fixed: {reason}"
+
     def _measure(self) -> tuple[float, int, int] | None:
         busy = _busy_ticks(self.cores)
         return None if busy is None else (time.monotonic(), busy, _own_ticks())

@@ -470,6 +470,10 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
     elif config is None:
         raise ImgclsError("train() needs a config or resume=RUN")
     runtime = Runtime.create(config.device, config.train.precision, distributed, cores)  # fails before any folder exists
+    if config.train.deterministic:
+        # a CPU kernel's sums run in an order that depends on the thread count: a change mid-run would make
+        # a resumed run differ from an uninterrupted one in the last bits
+        cores.keep_fixed("train.deterministic=true (results depend on the thread count)")
     if resume is None:
         config, run_dir, source = _on_main(distributed, _start_run, config, force)
     setup_logging(run_dir if distributed.is_main else None, quiet=not distributed.is_main)
