@@ -30,6 +30,7 @@ import yaml
 
 from imgcls.config import Config, load_config, save_config, valid_keys
 from imgcls.errors import ImgclsError
+from imgcls.runtime import usable_cores
 from imgcls.tracking import console_level, create_run_dir, read_summary, setup_logging
 
 __all__ = ["PlannedRun", "parse_grid", "sweep", "cross_validate", "tune", "load_search_space", "run_all"]
@@ -86,7 +87,7 @@ def _command(base: Path, folder: Path, run: PlannedRun, state: str) -> list[str]
 def worker_slots(jobs: int) -> list[dict[str, Any]]:
     """How `jobs` parallel processes share the machine: disjoint sets of CPU cores (imgcls sizes its
     threads from the process's core affinity) and, when there are GPUs, one GPU each, round robin."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = usable_cores()
     if jobs > len(cores):
         raise ImgclsError(f"--jobs {jobs} is more than the {len(cores)} CPU cores this process may use")
     import torch

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from imgcls.data.sources import (
     DataSource, assign_splits, read_splits_csv, resolve_source, subsample_train, write_splits_csv,
 )
 from imgcls.errors import ImgclsError
+from imgcls.runtime import usable_cores
 
 __all__ = [
     "DataSource", "ImageDataset", "build_augment", "PACKAGED", "PreparedSplits", "assign_splits", "build_datasets", "cache_dir",
@@ -67,7 +67,7 @@ def median_side(paths: list[str], sample: int = 200) -> int:
 
 
 def _processes() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return len(usable_cores())
 
 
 def _free_gib(folder: Path) -> float:
