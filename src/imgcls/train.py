@@ -353,7 +353,9 @@ class Resumption:
     training_ended: bool
 
 
-def _resume_run(run: str | Path, overrides: list[str], force: bool) -> tuple[Config, Path, DataSource, Resumption]:
+def _resume_run(run: str | Path, overrides: list[str], force: bool,
+                is_main: bool = True) -> tuple[Config, Path, DataSource, Resumption]:
+    """Every rank reads the run folder; rank 0 alone (`is_main`) repairs or completes it."""
     run_dir = Path(run)
     if not (run_dir / "config.yaml").exists():
         if (run_dir / "summary.json").exists():  # killed in the instant between creating the folder and its config
@@ -382,7 +384,7 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool) -> tuple[Con
         resumption = Resumption(None, training_ended=False)
     else:
         checkpoint = load_checkpoint(checkpoints.last)
-        repaired = checkpoints.repair(checkpoint)
+        repaired = checkpoints.repair(checkpoint) if is_main else []
         if repaired:
             log.warning(f"{' and '.join(repaired)} lagged behind last.ckpt (stopped between the writes of epoch "
                         f"{checkpoint['epoch']}): rewritten from it")
@@ -400,7 +402,8 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool) -> tuple[Con
         source = read_splits_csv(run_dir / "splits.csv", config.data.path)
     else:  # killed before it was written: the splits are a function of the saved config (data.split_seed)
         config, source = resolve_data(config)
-        write_splits_csv(source, run_dir / "splits.csv")
+        if is_main:
+            write_splits_csv(source, run_dir / "splits.csv")
     config = replace(config, run=replace(config.run, name=run_dir.name))
     return config, run_dir, source, resumption
 
@@ -466,7 +469,7 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
            on_epoch: Callable[[int, dict[str, float]], None] | None) -> Path:
     resumption = Resumption(None, training_ended=False)
     if resume is not None:
-        config, run_dir, source, resumption = _resume_run(resume, overrides, force)  # every rank reads the files
+        config, run_dir, source, resumption = _resume_run(resume, overrides, force, distributed.is_main)
     elif config is None:
         raise ImgclsError("train() needs a config or resume=RUN")
     runtime = Runtime.create(config.device, config.train.precision, distributed, cores)  # fails before any folder exists
