@@ -12,7 +12,7 @@ DEMO_ARGS ?= train.epochs=5 data.augment=none
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,pretrained,tracking,tune]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,pretrained,tracking,tune,export,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)

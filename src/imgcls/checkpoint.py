@@ -17,11 +17,12 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from imgcls.errors import ImgclsError
+
+if TYPE_CHECKING:  # torch is imported where used: tracking (and so the CLI) imports atomic_write
+    import torch
 
 __all__ = [
     "atomic_write", "save_checkpoint", "load_checkpoint", "save_artifact", "load_artifact", "ARTIFACT_FORMAT",
@@ -85,6 +86,8 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(path, buffer.getvalue())
@@ -108,6 +111,8 @@ def load_tensors_safely(path: str | Path, what: str) -> Any:
     Raises:
         ImgclsError: the file is such a pickle, or is not readable by torch.load at all.
     """
+    import torch
+
     try:
         with warnings.catch_warnings():  # torch's note on hand-made pickles' protocol means nothing to a user
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -209,6 +214,8 @@ class CheckpointSet:
 
 
 def _serialise(record: dict[str, Any]) -> bytes:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(record, buffer)
     return buffer.getvalue()
@@ -216,6 +223,8 @@ def _serialise(record: dict[str, Any]) -> bytes:
 
 def _saved_epoch(path: Path) -> int | None:
     """The epoch a checkpoint or model artifact was saved at; None when it is missing or unreadable."""
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             return load_artifact(path)[1].get("epoch")

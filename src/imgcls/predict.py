@@ -1,7 +1,11 @@
-"""Load a model artifact and predict image files, folders and globs.
+"""Load a model (a run's artifact, or an exported ONNX file) and predict image files, folders and globs.
 
-    classifier = imgcls.load("runs/fashion-mnist")
-    rows = classifier.predict(["shirt.png", "more_images/"], topk=3)
+    classifier = imgcls.load("runs/fashion-mnist")          # PyTorch
+    classifier = imgcls.load("runs/fashion-mnist/export/model.onnx")   # ONNX Runtime: no torch, no timm
+    rows = classifier.predict(["shirt.png", "more_images/"], topk=3, tta="flip")
+
+This module imports neither torch nor timm: the PyTorch engine imports them when a run is loaded.
+Both engines share everything but the forward pass (`Predictor`), so the two answer alike.
 """
 
 from __future__ import annotations
@@ -9,25 +13,35 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Literal, TextIO
 
 import numpy as np
-import torch
 
-from imgcls.checkpoint import load_artifact
 from imgcls.data.images import is_image_file, load_square
 from imgcls.errors import ImgclsError
-from imgcls.models import ImageClassifier, create_model
-from imgcls.runtime import Runtime
 
-__all__ = ["Classifier", "load", "find_artifact", "expand_paths", "write_predictions_csv"]
+if TYPE_CHECKING:
+    import torch
+
+    from imgcls.models import ImageClassifier
+    from imgcls.runtime import Runtime
+
+__all__ = ["Predictor", "Classifier", "OnnxClassifier", "load", "predict", "find_artifact", "expand_paths",
+           "write_predictions_csv", "augmented_views", "ONNX_METADATA_KEY"]
 
 log = logging.getLogger("imgcls")
 
 UNKNOWN = "unknown"  # the label of a rejected prediction (`predict --reject`)
+
+# The ONNX model's metadata_props key holding the artifact's metadata (class names, preprocessing,
+# calibration, metrics) as JSON; the separate keys written beside it are for people reading the file.
+ONNX_METADATA_KEY = "imgcls"
+
+TestTimeAugmentation = Literal["flip", "crops"]
 
 
 def find_artifact(run: str | Path) -> Path:
@@ -43,13 +57,36 @@ def find_artifact(run: str | Path) -> Path:
     return artifact
 
 
-@dataclass
-class Classifier:
-    """A trained model with its class names and preprocessing, ready to predict."""
+def augmented_views(images: np.ndarray, tta: TestTimeAugmentation | None, flip: bool = True) -> list[np.ndarray]:
+    """The views of a uint8 NCHW batch whose probabilities test-time augmentation averages.
 
-    model: ImageClassifier
+    None: the batch itself. flip: the batch and its mirror image (left-right). crops: those two and the
+    batch shifted by 1/16 of the side up, down, left and right, the uncovered border filled by
+    reflection (the shifts of the `light` training augmentation, smaller). `flip=False` (a model trained
+    with data.horizontal_flip=false, where a mirror image may be another class) leaves the mirror out:
+    flip then means the shifted crops alone.
+    """
+    views = [images]
+    if tta is None:
+        return views
+    if tta not in ("flip", "crops"):
+        raise ImgclsError(f"--tta {tta}: use flip or crops")
+    if flip:
+        views.append(np.ascontiguousarray(images[..., ::-1]))
+    if tta == "crops" or not flip:
+        size = images.shape[-1]
+        shift = max(1, size // 16)
+        padded = np.pad(images, ((0, 0), (0, 0), (shift, shift), (shift, shift)), mode="reflect")
+        for top, left in ((0, shift), (2 * shift, shift), (shift, 0), (shift, 2 * shift)):
+            views.append(np.ascontiguousarray(padded[..., top:top + size, left:left + size]))
+    return views
+
+
+class Predictor:
+    """What every engine shares: the metadata, decoding, test-time augmentation, rejection and the
+    rows. An engine implements `forward`: calibrated probabilities of a uint8 NCHW batch."""
+
     metadata: dict[str, Any]
-    runtime: Runtime
 
     @property
     def class_names(self) -> list[str]:
@@ -67,6 +104,11 @@ class Classifier:
     def temperature(self) -> float:
         """Softmax temperature fitted on the validation split at the end of training (1.0: none)."""
         return float((self.metadata.get("calibration") or {}).get("temperature") or 1.0)
+
+    @property
+    def flip_allowed(self) -> bool:
+        """False for a model trained with data.horizontal_flip=false: flip TTA leaves the mirror out."""
+        return bool(((self.metadata.get("config") or {}).get("data") or {}).get("horizontal_flip", True))
 
     def reject_threshold(self, reject: str | float | None) -> float | None:
         """The confidence below which `predict` answers `unknown`: None (never), a number, or "auto":
@@ -96,38 +138,50 @@ class Classifier:
         """Decode one file exactly as in evaluation: `image_size` square, uint8 HWC."""
         return load_square(path, self.image_size, self.resize)
 
-    @torch.no_grad()
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Calibrated class probabilities (float32, on CPU) for a uint8 NCHW batch: the softmax of the
-        logits divided by the stored temperature."""
-        with self.runtime.autocast():
-            logits = self.model(self.runtime.to_device(images))
-        return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (float32, N x classes) of a uint8 NCHW batch."""
+        raise NotImplementedError
+
+    def batch_probabilities(self, images: np.ndarray, tta: TestTimeAugmentation | None = None) -> np.ndarray:
+        """`forward`, averaged over the test-time augmentation views when `tta` is given."""
+        views = augmented_views(images, tta, self.flip_allowed)
+        if len(views) == 1:
+            return self.forward(images)
+        return np.mean([self.forward(view) for view in views], axis=0, dtype=np.float32)
+
+    def rows_for(self, images: np.ndarray, topk: int = 5, threshold: float | None = None,
+                 tta: TestTimeAugmentation | None = None) -> list[dict[str, Any]]:
+        """label, confidence and label_k/prob_k for each image of a uint8 NHWC batch."""
+        probabilities = self.batch_probabilities(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), tta)
+        topk = max(1, min(topk, len(self.class_names)))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :topk]
+        rows = []
+        for values, indices in zip(np.take_along_axis(probabilities, order, axis=1).tolist(), order.tolist()):
+            accepted = threshold is None or values[0] >= threshold
+            row: dict[str, Any] = {"label": self.class_names[indices[0]] if accepted else UNKNOWN,
+                                   "confidence": values[0]}
+            for rank, (value, index) in enumerate(zip(values, indices), start=1):
+                row[f"label_{rank}"], row[f"prob_{rank}"] = self.class_names[index], value
+            rows.append(row)
+        return rows
 
     def predict(self, paths: Iterable[str | Path], topk: int = 5, batch_size: int = 64,
-                reject: str | float | None = None) -> list[dict[str, Any]]:
+                reject: str | float | None = None, tta: TestTimeAugmentation | None = None) -> list[dict[str, Any]]:
         """One row per file: path, label, confidence, top-k labels and probabilities; unreadable files
         get an `error` and no label, and the others are still predicted. With `reject` ("auto" or a
         confidence), a prediction less confident than the threshold gets the label `unknown` (its
-        top-k columns still say what the model thought)."""
+        top-k columns still say what the model thought). `tta` averages the probabilities over the
+        image and its mirror (flip), and shifted crops (crops): see `augmented_views`."""
         threshold = self.reject_threshold(reject)
-        topk = max(1, min(topk, len(self.class_names)))
         rows: list[dict[str, Any]] = []
         pending: list[tuple[dict, np.ndarray]] = []
 
         def flush() -> None:
-            if not pending:
-                return
-            batch = torch.from_numpy(np.stack([image for _, image in pending])).permute(0, 3, 1, 2)
-            probabilities = self.probabilities(batch)
-            values, indices = probabilities.topk(topk, dim=1)
-            for (row, _), top_values, top_indices in zip(pending, values.tolist(), indices.tolist()):
-                row["confidence"] = top_values[0]
-                accepted = threshold is None or top_values[0] >= threshold
-                row["label"] = self.class_names[top_indices[0]] if accepted else UNKNOWN
-                for rank, (value, index) in enumerate(zip(top_values, top_indices), start=1):
-                    row[f"label_{rank}"], row[f"prob_{rank}"] = self.class_names[index], value
-            pending.clear()
+            if pending:
+                predicted = self.rows_for(np.stack([image for _, image in pending]), topk, threshold, tta)
+                for (row, _), answer in zip(pending, predicted):
+                    row.update(answer)
+                pending.clear()
 
         for path in paths:
             row: dict[str, Any] = {"path": str(path), "label": "", "confidence": None, "error": ""}
@@ -142,12 +196,77 @@ class Classifier:
         return rows
 
 
-def load(run: str | Path, device: str = "auto") -> Classifier:
-    """Load the model artifact of a run folder (or a `.safetensors` artifact file).
+@dataclass
+class Classifier(Predictor):
+    """A trained PyTorch model with its class names and preprocessing, ready to predict."""
+
+    model: ImageClassifier
+    metadata: dict[str, Any]
+    runtime: Runtime
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities (float32, on CPU) for a uint8 NCHW batch: the softmax of the
+        logits divided by the stored temperature."""
+        import torch
+
+        with torch.no_grad(), self.runtime.autocast():
+            logits = self.model(self.runtime.to_device(images))
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self.probabilities(torch.from_numpy(images)).numpy()
+
+
+class OnnxClassifier(Predictor):
+    """An ONNX model written by `imgcls export`, run by ONNX Runtime: needs neither torch nor timm.
+
+    The graph takes uint8 RGB NCHW images and outputs `probabilities` (temperature-scaled softmax) and
+    `logits`; the metadata (class names, preprocessing, calibration) is in the file's metadata_props.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ImgclsError("an ONNX model needs ONNX Runtime: pip install 'imgcls[export]' "
+                              "(or just onnxruntime)") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ImgclsError(f"ONNX model not found: {self.path}")
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:
+            raise ImgclsError(f"cannot read ONNX model {self.path}: {str(error).splitlines()[0]}") from None
+        properties = self.session.get_modelmeta().custom_metadata_map
+        if ONNX_METADATA_KEY not in properties:
+            raise ImgclsError(f"{self.path} has no imgcls metadata (class names, preprocessing); "
+                              "export it with `imgcls export RUN`")
+        self.metadata = json.loads(properties[ONNX_METADATA_KEY])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        probabilities, _ = self.session.run(["probabilities", "logits"], {self.input_name: images})
+        return probabilities
+
+
+def load(run: str | Path, device: str = "auto") -> Predictor:
+    """Load the model of a run folder, a `.safetensors` artifact, or an exported `.onnx` file (run by
+    ONNX Runtime on the CPU; `device` is then ignored).
 
     Raises:
         ImgclsError: no artifact, or not an imgcls artifact.
     """
+    if str(run).endswith(".onnx"):
+        return OnnxClassifier(run)
+    from imgcls.checkpoint import load_artifact
+    from imgcls.models import create_model
+    from imgcls.runtime import Runtime
+
     state_dict, metadata = load_artifact(find_artifact(run))
     runtime = Runtime.create(device, "auto")
     # inference in fp32 on CPU: bf16 autocast changes low-order digits, and predictions are cheap
@@ -160,6 +279,13 @@ def load(run: str | Path, device: str = "auto") -> Classifier:
     model.load_state_dict(state_dict)
     model = runtime.prepare_model(model).eval()
     return Classifier(model=model, metadata=metadata, runtime=runtime)
+
+
+def predict(run: str | Path, paths: Iterable[str | Path], topk: int = 5, device: str = "auto",
+            reject: str | float | None = None, tta: TestTimeAugmentation | None = None) -> list[dict]:
+    """Predict image files with a run's model (or an ONNX file): one dict per file (see
+    `Predictor.predict`); `reject` ("auto" or a confidence) answers `unknown` below the threshold."""
+    return load(run, device).predict(paths, topk=topk, reject=reject, tta=tta)
 
 
 def expand_paths(inputs: Iterable[str]) -> list[str]:

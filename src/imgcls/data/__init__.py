@@ -1,4 +1,8 @@
-"""Data: sources (folders, CSV, packaged datasets), splits, decoding and loaders."""
+"""Data: sources (folders, CSV, packaged datasets), splits, decoding and loaders.
+
+The torch-based parts (loaders, augmentation) load on first use (PEP 562): `imgcls.data.images`, the
+decoding that an ONNX model's predictions share with training, must not import torch.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,18 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
+from typing import TYPE_CHECKING
 
 from imgcls.data.images import image_size_of, load_image, load_square
-from imgcls.data.augment import build_augment
 from imgcls.data.cache import build_cache, cache_bytes, cached_paths, open_cache
-from imgcls.data.loaders import ImageDataset, balanced_sampler, default_workers, find_bad_images, make_loader
 from imgcls.data.packaged import PACKAGED, cache_dir, materialise
 from imgcls.data.sources import (
     DataSource, assign_splits, read_splits_csv, resolve_source, subsample_train, write_splits_csv,
 )
 from imgcls.errors import ImgclsError
-from imgcls.runtime import usable_cores
+
+if TYPE_CHECKING:
+    from imgcls.data.loaders import ImageDataset
 
 __all__ = [
     "DataSource", "ImageDataset", "build_augment", "PACKAGED", "PreparedSplits", "assign_splits", "build_datasets", "cache_dir",
@@ -26,6 +31,19 @@ __all__ = [
 ]
 
 log = logging.getLogger("imgcls")
+
+# name -> the torch-based module that defines it, imported when first asked for
+_LAZY = {"build_augment": "imgcls.data.augment", "ImageDataset": "imgcls.data.loaders",
+         "balanced_sampler": "imgcls.data.loaders", "default_workers": "imgcls.data.loaders",
+         "find_bad_images": "imgcls.data.loaders", "make_loader": "imgcls.data.loaders"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'imgcls.data' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 @dataclass
@@ -67,6 +85,8 @@ def median_side(paths: list[str], sample: int = 200) -> int:
 
 
 def _processes() -> int:
+    from imgcls.runtime import usable_cores
+
     return len(usable_cores())
 
 
@@ -108,6 +128,8 @@ def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[s
     decoding from files with auto.
     Unreadable files are reported together and left out (or raise, with on_bad_image=fail).
     """
+    from imgcls.data.loaders import ImageDataset, find_bad_images
+
     index = {name: i for i, name in enumerate(class_names)}
     paths = cached_paths(splits)
     gib = cache_bytes(len(paths), size) / 2**30
