@@ -51,6 +51,14 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def default_file_mode() -> int:
+    """The permissions `open()` would give a new file (0o644 under the usual umask 022). mkstemp makes
+    its files 0o600, which would leave a run's files unreadable to the other users of a shared machine."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash or kill at
     any moment leaves either the old file or the new one, never a torn one.
@@ -67,6 +75,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             raise DiskFullError(path, len(data)) from error
         raise
     try:
+        os.fchmod(handle, default_file_mode())
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()

@@ -87,7 +87,7 @@ def _eval(args: argparse.Namespace) -> int:
     from imgcls.evaluate import evaluate
 
     metrics = evaluate(args.run, split=args.split, data=args.data, device=args.device, quiet=args.json,
-                       explain=not args.no_explain, layer=args.layer)
+                       explain=not args.no_explain, layer=args.layer, tta=args.tta)
     if args.json:
         print(json.dumps(metrics))
     return 0
@@ -172,7 +172,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     classifier = load(args.run, args.device)
     paths = expand_paths(args.paths)
-    rows = classifier.predict(paths, topk=args.topk, reject=args.reject)
+    rows = classifier.predict(paths, topk=args.topk, reject=args.reject, tta=args.tta)
     topk = max(1, min(args.topk, len(classifier.class_names)))
     failed = sum(1 for row in rows if row["error"])
     if failed == len(rows):  # nothing to write: a script must see the failure in the exit code
@@ -193,6 +193,23 @@ def _predict(args: argparse.Namespace) -> int:
         rejected = sum(1 for row in rows if row["label"] == UNKNOWN)
         log.info(f"{rejected} of {len(rows)} answered '{UNKNOWN}' (confidence below "
                  f"{classifier.reject_threshold(args.reject):.3f})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from imgcls.export import FORMATS, export
+
+    formats = FORMATS if args.format == "all" else (args.format,)
+    result = export(args.run, formats=formats, out=args.out, int8=args.int8)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from imgcls.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch)
     return 0
 
 
@@ -308,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--layer", help="module whose activation maps to draw (default: the Grad-CAM layer); "
                                           "an unknown name lists valid ones")
     evaluate.add_argument("--no-explain", action="store_true", help="skip Grad-CAM, activation maps and t-SNE")
+    evaluate.add_argument("--tta", nargs="?", const="flip", choices=("flip", "crops"),
+                          help="also evaluate with test-time augmentation: the image and its mirror (flip, the "
+                               "default), plus 4 shifted crops (crops); metrics with and without")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_eval)
 
@@ -371,15 +391,46 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
 
     predict = commands.add_parser("predict", help="top-k labels for image files, folders or globs")
-    predict.add_argument("run", help="run folder or model.safetensors")
+    predict.add_argument("run", help="run folder, model.safetensors, or model.onnx (from imgcls export; "
+                                     "needs only onnxruntime)")
     predict.add_argument("paths", nargs="+", help="image files, folders (recursive) or glob patterns")
     predict.add_argument("--out", help="write a CSV here (default: a table, or CSV when stdout is not a terminal)")
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--reject", metavar="auto|CONFIDENCE",
                          help="answer 'unknown' below this confidence; auto: the threshold chosen on the validation "
                               "split for 95%% precision, stored in the model")
+    predict.add_argument("--tta", nargs="?", const="flip", choices=("flip", "crops"),
+                         help="average the probabilities of the image and its mirror (flip, the default), plus 4 "
+                              "shifted crops (crops); a model trained with data.horizontal_flip=false is never "
+                              "mirrored")
     predict.add_argument("--device", default="auto")
     predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser("export", help="ONNX / torch.export files, checked against the PyTorch model",
+                                 description="Write RUN/export/model.onnx (uint8 RGB NCHW in; probabilities and "
+                                             "logits out; class names and preprocessing in its metadata) and/or "
+                                             "model.pt2 (torch.export), each compared with the PyTorch model on up "
+                                             "to 1,000 test images; the figures go to export.json.")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--format", default="onnx", choices=("onnx", "pt2", "all"), help="default onnx")
+    export.add_argument("--out", help="folder for the files (default RUN/export)")
+    export.add_argument("--int8", action="store_true",
+                        help="also model.int8.onnx: static int8 quantization (QDQ, per-channel) calibrated on "
+                             "training images; its test accuracy is measured against fp32")
+    export.add_argument("--json", action="store_true", help="print export.json on stdout")
+    export.set_defaults(handler=_export)
+
+    serve = commands.add_parser("serve", help="HTTP API (POST /predict) and an upload page at /",
+                                description="Serve a run's model or an exported model.onnx: POST /predict "
+                                            "(multipart field 'file', one or more images), GET /health, "
+                                            "/metadata, /docs, and an upload page at /.")
+    serve.add_argument("model", help="run folder, model.safetensors or model.onnx")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); 0.0.0.0: all")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--engine", default="auto", choices=("auto", "onnx", "torch"),
+                       help="auto: ONNX Runtime (a run is exported in memory at start), torch without onnxruntime")
+    serve.add_argument("--max-batch", type=int, default=32, help="images per forward pass at most (default 32)")
+    serve.set_defaults(handler=_serve)
 
     models = commands.add_parser("models", help="list model names (timm architectures and small_resnet)")
     models.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'resnet*'")

@@ -46,6 +46,10 @@ class DataConfig:
     """Train-time augmentation preset. light: flip + padded random crop; standard: flip + random resized
     crop + colour jitter; strong: standard + RandAugment + random erasing (timm's strong recipes).
     Evaluation never augments."""
+    horizontal_flip: bool = True
+    """Mirror images left-right in the light, standard and strong presets, and in test-time augmentation
+    (`--tta`). false for data where a mirror image is another class or no image at all: text, digits,
+    left/right road signs, chirality."""
     auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = "none"
     """Learned or random augmentation policy, drawn per image, after the preset: RandAugment (2
     operations at magnitude 9 of 30), TrivialAugment (1 operation at a random magnitude) or AutoAugment

@@ -26,14 +26,29 @@ log = logging.getLogger("imgcls")
 
 
 @torch.no_grad()
-def predict_loader(model: torch.nn.Module, loader: DataLoader, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits as float32 on CPU, labels) over a whole loader, in eval mode."""
+def predict_loader(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, tta: str | None = None,
+                   flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits as float32 on CPU, labels) over a whole loader, in eval mode.
+
+    With `tta` ("flip" or "crops", see `imgcls.predict.augmented_views`; `flip=False` leaves the mirror
+    image out), the logits are the log of the softmax averaged over the views: their softmax is the
+    test-time-augmented probability, and every metric reads them as it reads plain logits.
+    """
+    from imgcls.predict import augmented_views
+
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in loader:
-        with runtime.autocast():
-            logits = model(runtime.to_device(images))
-        all_logits.append(logits.float().cpu())
+        views = [images] if tta is None else [torch.from_numpy(view) for view in augmented_views(images.numpy(), tta, flip)]
+        outputs = []
+        for view in views:
+            with runtime.autocast():
+                outputs.append(model(runtime.to_device(view)).float().cpu())
+        if len(outputs) == 1:
+            all_logits.append(outputs[0])
+        else:  # log(mean_v softmax_v), in log space: a class every view finds unlikely must not give log(0)
+            log_probabilities = torch.stack([torch.log_softmax(output, dim=1) for output in outputs])
+            all_logits.append(torch.logsumexp(log_probabilities, dim=0) - np.log(len(outputs)))
         all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
@@ -333,16 +348,19 @@ def calibrate(run: str | Path, device: str = "auto", target_precision: float = 0
 
 
 def evaluate(run: str | Path, split: str = "test", data: str | None = None, device: str = "auto",
-             batch_size: int = 256, quiet: bool = False, explain: bool = True, layer: str | None = None) -> dict[str, float]:
+             batch_size: int = 256, quiet: bool = False, explain: bool = True, layer: str | None = None,
+             tta: str | None = None) -> dict[str, Any]:
     """Evaluate a run's model on one split of its own data, or of another dataset (`data`) with the
     same class names (distribution shift). Writes into the run folder, tagged `<split>` or
     `<dataset>_<split>`: predictions, the per-class report, confusion matrices, the error analysis
     and calibration (analysis_<tag>.json, galleries, reliability diagram), training curves and, with
-    `explain`, Grad-CAM, the activation maps of `layer` and a t-SNE of the features.
+    `explain`, Grad-CAM, the activation maps of `layer` and a t-SNE of the features. With `tta` ("flip"
+    or "crops"), the split is predicted a second time with test-time augmentation, and the metrics
+    gain a `tta` entry (mode, views, acc1, acc5, balanced_acc, macro_f1, loss) beside the plain ones.
 
     Returns:
         metrics: loss, acc1, acc5, balanced_acc, macro_f1, n, auroc_macro, ece, and with the stored
-        temperature: temperature, nll_calibrated, ece_calibrated.
+        temperature: temperature, nll_calibrated, ece_calibrated; with `tta`, tta.
     Raises:
         ImgclsError: no such split, class names the model does not know, or an unknown layer.
     """
@@ -363,6 +381,8 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
         "nll_calibrated": analysis["calibration"]["after"]["nll"],
         "ece_calibrated": analysis["calibration"]["after"]["ece"],
     })
+    if tta:
+        metrics["tta"] = _tta_metrics(classifier, dataset, batch_size, tta)
     probabilities = torch.softmax(logits / classifier.temperature, dim=1)
     _write_outputs(run_dir, tag, dataset.paths, probabilities, labels, classifier.class_names, metrics, report)
     save_curves(run_dir, classifier.metadata["config"]["train"]["monitor"])
@@ -371,7 +391,27 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
     if not quiet:
         _print_report(report, metrics, title)
         _print_analysis(analysis)
+        if tta:
+            plain, augmented = metrics, metrics["tta"]
+            log.info(f"with TTA ({tta}, {augmented['views']} views): acc1 {augmented['acc1']:.4f} (without "
+                     f"{plain['acc1']:.4f})  macro_f1 {augmented['macro_f1']:.4f} (without {plain['macro_f1']:.4f})  "
+                     f"loss {augmented['loss']:.4f} (without {plain['loss']:.4f})")
     return metrics
+
+
+def _tta_metrics(classifier, dataset, batch_size: int, tta: str) -> dict[str, Any]:
+    """The split's metrics with test-time augmentation (see `predict_loader`)."""
+    from imgcls.data import make_loader
+    from imgcls.predict import augmented_views
+
+    if not classifier.flip_allowed:
+        log.info("TTA without the mirror image: the model was trained with data.horizontal_flip=false")
+    loader = make_loader(dataset, batch_size, workers=0, shuffle=False)
+    logits, labels = predict_loader(classifier.model, loader, classifier.runtime, tta, classifier.flip_allowed)
+    views = len(augmented_views(np.zeros((1, 3, 4, 4), np.uint8), tta, classifier.flip_allowed))
+    figures = compute_metrics(logits, labels)
+    return {"mode": tta, "views": views, "flip": classifier.flip_allowed,
+            **{key: figures[key] for key in ("acc1", "acc5", "balanced_acc", "macro_f1", "loss")}}
 
 
 def _print_analysis(analysis: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from imgcls.runtime import Runtime
 
 __all__ = ["Predictor", "Classifier", "OnnxClassifier", "load", "predict", "find_artifact", "expand_paths",
-           "write_predictions_csv", "augmented_views", "ONNX_METADATA_KEY"]
+           "write_predictions_csv", "augmented_views", "imgcls_version", "ONNX_METADATA_KEY"]
 
 log = logging.getLogger("imgcls")
 
@@ -42,6 +42,16 @@ UNKNOWN = "unknown"  # the label of a rejected prediction (`predict --reject`)
 ONNX_METADATA_KEY = "imgcls"
 
 TestTimeAugmentation = Literal["flip", "crops"]
+
+
+def imgcls_version() -> str:
+    """The installed imgcls version ("unknown" when run from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imgcls")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def find_artifact(run: str | Path) -> Path:
@@ -226,20 +236,22 @@ class OnnxClassifier(Predictor):
     `logits`; the metadata (class names, preprocessing, calibration) is in the file's metadata_props.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, model: str | Path | bytes, threads: int | None = None):
+        """`model`: the .onnx file, or its bytes (a model exported in memory)."""
         try:
             import onnxruntime
         except ImportError:
             raise ImgclsError("an ONNX model needs ONNX Runtime: pip install 'imgcls[export]' "
                               "(or just onnxruntime)") from None
-        self.path = Path(path)
-        if not self.path.is_file():
+        self.path = Path("<memory>") if isinstance(model, bytes) else Path(model)
+        if not isinstance(model, bytes) and not self.path.is_file():
             raise ImgclsError(f"ONNX model not found: {self.path}")
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                                        providers=["CPUExecutionProvider"])
         except Exception as error:
             raise ImgclsError(f"cannot read ONNX model {self.path}: {str(error).splitlines()[0]}") from None
         properties = self.session.get_modelmeta().custom_metadata_map

@@ -41,8 +41,10 @@ def build_augment(data_config: DataConfig, size: int) -> nn.Module | None:
     30) + random erasing (a quarter of the images). The other keys add to or replace parts of the preset,
     in this order: colour jitter, the auto-augment policy (one drawn per image), random erasing.
 
+    `data.horizontal_flip=false` leaves the flip out of every preset.
+
     Args:
-        data_config: reads augment, auto_augment, color_jitter (None: the preset's own, 0: off) and
+        data_config: reads augment, horizontal_flip, auto_augment, color_jitter (None: the preset's own, 0: off) and
             random_erasing (0: the preset's own, i.e. 0.25 for strong and off otherwise).
         size: side of the square input and output images, pixels.
 
@@ -68,9 +70,11 @@ def build_augment(data_config: DataConfig, size: int) -> nn.Module | None:
 
     steps: list[nn.Module] = []
     if preset == "light":
-        steps += [K.RandomCrop((size, size), padding=max(1, size // 8), padding_mode="reflect"), K.RandomHorizontalFlip()]
+        steps.append(K.RandomCrop((size, size), padding=max(1, size // 8), padding_mode="reflect"))
     elif preset in ("standard", "strong"):
-        steps += [K.RandomResizedCrop((size, size), scale=(0.35, 1.0)), K.RandomHorizontalFlip()]
+        steps.append(K.RandomResizedCrop((size, size), scale=(0.35, 1.0)))
+    if preset != "none" and data_config.horizontal_flip:
+        steps.append(K.RandomHorizontalFlip())
     if color_jitter > 0:
         steps.append(K.ColorJitter(color_jitter, color_jitter, color_jitter, p=1.0))
     if policy != "none":
