@@ -33,7 +33,8 @@ from imgcls.checkpoint import atomic_write, default_file_mode
 from imgcls.errors import ImgclsError
 from imgcls.predict import ONNX_METADATA_KEY, Classifier, OnnxClassifier, Predictor, find_artifact, imgcls_version, load
 
-__all__ = ["export", "ExportedModel", "PARITY_AGREEMENT", "PARITY_MAX_DIFFERENCE"]
+__all__ = ["export", "ExportedModel", "onnx_program", "onnx_in_memory", "quantize_int8", "generated_images",
+           "PARITY_AGREEMENT", "PARITY_MAX_DIFFERENCE"]
 
 log = logging.getLogger("imgcls")
 
@@ -132,13 +133,14 @@ def export(run: str | Path, formats: Iterable[Format] = ("onnx",), out: str | Pa
                             f"max |Δp| {result['formats'][name]['parity']['max_abs_difference']:.2e}"
                             for name in failures)
         raise ImgclsError(f"export parity failed ({figures}; needs >= {PARITY_AGREEMENT} and <= "
-                          f"{PARITY_MAX_DIFFERENCE:g}); the file was not kept; see {out / 'export.json'}")
+                          f"{PARITY_MAX_DIFFERENCE:g}); nothing was written in its place; see {out / 'export.json'}")
     return result
 
 
 def _say(name: str, entry: dict[str, Any]) -> None:
     parity = entry["parity"]
-    line = (f"{name}: {entry['path']} ({entry['bytes'] / 2**20:.1f} MiB); top-1 agreement with PyTorch "
+    line = (f"{name}: {entry['path']}{'' if entry['kept'] else ' NOT WRITTEN'} ({entry['bytes'] / 2**20:.1f} MiB); "
+            f"top-1 agreement with {'the fp32 ONNX model' if name == 'onnx_int8' else 'PyTorch'} "
             f"{parity['top1_agreement']:.2%} of {parity['images']} images, max |Δp| {parity['max_abs_difference']:.1e}")
     if "accuracy" in entry:
         accuracy = entry["accuracy"]
@@ -182,10 +184,10 @@ def parity_image_set(predictor: Predictor, run_dir: Path, split: str, limit: int
     count = min(limit, 256)
     log.warning(f"the run's {split} images cannot be read (moved or deleted?): the parity check uses "
                 f"{count} generated images instead")
-    return ParityImages(_generated_images(count, predictor.image_size, seed), None, f"{count} generated images")
+    return ParityImages(generated_images(count, predictor.image_size, seed), None, f"{count} generated images")
 
 
-def _generated_images(count: int, size: int, seed: int) -> np.ndarray:
+def generated_images(count: int, size: int, seed: int) -> np.ndarray:
     """Smooth random colour fields with noise: not photos, but they drive every layer of a model,
     unlike constant images."""
     rng = np.random.default_rng(seed)
@@ -208,8 +210,13 @@ def _parity(reference: np.ndarray, probabilities: np.ndarray, bar: bool = True) 
     return figures
 
 
-def _entry(path: Path, parity: dict[str, Any], **more: Any) -> dict[str, Any]:
-    return {"path": str(path), "bytes": path.stat().st_size if path.exists() else 0, "parity": parity, **more}
+def _publish(staging: Path, path: Path, parity: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """Rename the staged export to `path` when it passed parity (else leave any older file there as
+    it was); its export.json entry."""
+    size = staging.stat().st_size
+    if parity["passed"]:
+        os.replace(staging, path)
+    return {"path": str(path), "bytes": size, "kept": parity["passed"], "parity": parity, **more}
 
 
 def _staging(path: Path) -> Path:
@@ -241,7 +248,7 @@ def onnx_metadata(predictor: Predictor) -> dict[str, str]:
     }
 
 
-def _onnx_program(classifier: Classifier):
+def onnx_program(classifier: Classifier):
     """torch.onnx's program of `ExportedModel` around the classifier, with the metadata set."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it; fail here with the fix)
@@ -267,8 +274,8 @@ def onnx_in_memory(classifier: Classifier, images: int = 64) -> OnnxClassifier:
         ImgclsError: the exported model does not answer as the PyTorch model does.
     """
     _plain_layout(classifier)
-    exported = OnnxClassifier(_onnx_program(classifier).model_proto.SerializeToString())
-    generated = _generated_images(images, classifier.image_size, seed=0)
+    exported = OnnxClassifier(onnx_program(classifier).model_proto.SerializeToString())
+    generated = generated_images(images, classifier.image_size, seed=0)
     figures = _parity(_probabilities(classifier, generated), _probabilities(exported, generated))
     if not figures["passed"]:
         raise ImgclsError(f"the model exported to ONNX disagrees with PyTorch (top-1 agreement "
@@ -286,13 +293,11 @@ def _plain_layout(classifier: Classifier) -> None:
 def _write_onnx(classifier: Classifier, path: Path, parity: ParityImages, reference: np.ndarray) -> dict[str, Any]:
     staging = _staging(path)
     try:
-        program = _onnx_program(classifier)
+        program = onnx_program(classifier)
         program.save(str(staging))
         exported = OnnxClassifier(staging)
         figures = _parity(reference, _probabilities(exported, parity.images))
-        if figures["passed"]:
-            os.replace(staging, path)
-        return _entry(path if figures["passed"] else staging, figures, opset=_opset(program))
+        return _publish(staging, path, figures, opset=_opset(program))
     finally:
         staging.unlink(missing_ok=True)
 
@@ -336,10 +341,7 @@ def _write_pt2(classifier: Classifier, path: Path, parity: ParityImages, referen
         with torch.no_grad():
             for start in range(0, len(parity.images), BATCH):
                 probabilities.append(loaded(torch.from_numpy(parity.images[start:start + BATCH]))[0].numpy())
-        figures = _parity(reference, np.concatenate(probabilities))
-        if figures["passed"]:
-            os.replace(staging, path)
-        return _entry(path if figures["passed"] else staging, figures)
+        return _publish(staging, path, _parity(reference, np.concatenate(probabilities)))
     finally:
         staging.unlink(missing_ok=True)
 
@@ -348,17 +350,16 @@ def _write_pt2(classifier: Classifier, path: Path, parity: ParityImages, referen
 # int8 (ONNX Runtime static quantization)
 
 
-def _write_int8(fp32_path: Path, path: Path, classifier: Classifier, run_dir: Path,
-                parity: ParityImages) -> dict[str, Any]:
+def quantize_int8(fp32_path: Path, path: Path, calibration_images: np.ndarray) -> None:
+    """ONNX Runtime static quantization of `fp32_path` into `path` (written atomically), its activation
+    ranges set by running `calibration_images` (uint8 NCHW) through the model."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    calibration = parity_image_set(classifier, run_dir, "train", CALIBRATION_IMAGES, seed=1)
-
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"images": calibration.images[start:start + 32]}
-                                 for start in range(0, len(calibration.images), 32)])
+            self.batches = iter([{"images": calibration_images[start:start + 32]}
+                                 for start in range(0, len(calibration_images), 32)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -377,9 +378,16 @@ def _write_int8(fp32_path: Path, path: Path, classifier: Classifier, run_dir: Pa
     finally:
         staging.unlink(missing_ok=True)
         prepared.unlink(missing_ok=True)
+
+
+def _write_int8(fp32_path: Path, path: Path, classifier: Classifier, run_dir: Path,
+                parity: ParityImages) -> dict[str, Any]:
+    calibration = parity_image_set(classifier, run_dir, "train", CALIBRATION_IMAGES, seed=1)
+    quantize_int8(fp32_path, path, calibration.images)
     fp32, int8 = OnnxClassifier(fp32_path), OnnxClassifier(path)
     figures = _parity(_probabilities(fp32, parity.images), _probabilities(int8, parity.images), bar=False)
-    entry = _entry(path, figures, calibration_images=calibration.source)
+    entry = {"path": str(path), "bytes": path.stat().st_size, "kept": True, "parity": figures,
+             "calibration_images": calibration.source}
     test = parity_image_set(classifier, run_dir, "test", INT8_ACCURACY_IMAGES, seed=0)
     if test.labels is not None:
         truth = test.labels

@@ -169,6 +169,16 @@ def _split_counts(rows: list[dict[str, str]] | None) -> dict[str, dict[str, int]
     return counts
 
 
+def _tta_section(tta: Any) -> dict[str, Any] | None:
+    """metrics_<tag>.json's `tta` entry (from `imgcls eval --tta`), numbers checked; None without one."""
+    if not isinstance(tta, dict):
+        return None
+    figures = {key: _number(tta.get(key)) for key in ("acc1", "acc5", "balanced_acc", "macro_f1", "loss")}
+    views = _number(tta.get("views"))
+    return {"mode": str(tta.get("mode", "")), "views": None if views is None else int(views), "flip": tta.get("flip", True),
+            **figures}
+
+
 def _data_section(run: _RunFolder, counts: dict[str, dict[str, int]] | None,
                   class_names: list[str] | None) -> dict[str, Any]:
     bad_text = run.text("bad_images.txt")
@@ -386,6 +396,7 @@ def _gather(run_dir: Path, split: str | None) -> dict[str, Any]:
             "balanced_acc": _number(metrics.get("balanced_acc")), "macro_f1": _number(metrics.get("macro_f1")),
             "auroc_macro": _number(_first(metrics.get("auroc_macro"), auroc_macro)),
             "loss": _number(metrics.get("loss")), "n": _number(metrics.get("n")),
+            "tta": _tta_section(metrics.get("tta")),
         },
         "data": _data_section(run, counts, class_names),
         "curves": curves,
@@ -554,6 +565,14 @@ _TEMPLATE = r"""<!DOCTYPE html>
   {% endif %}
 </div>
 <p class="muted">On {{ metrics.n | count }} {{ tag }} images.</p>
+{% if metrics.tta %}
+<table id="tta">
+  <tr><th></th><th>top-1</th><th>top-5</th><th>balanced accuracy</th><th>macro-F1</th><th>loss</th></tr>
+  <tr><td>without TTA</td><td>{{ metrics.acc1 | percent(2) }}</td><td>{{ metrics.acc5 | percent(2) }}</td><td>{{ metrics.balanced_acc | percent(2) }}</td><td>{{ metrics.macro_f1 | fixed(3) }}</td><td>{{ metrics.loss | fixed(3) }}</td></tr>
+  <tr><td>with TTA ({{ metrics.tta.mode }}, {{ metrics.tta.views }} views{% if not metrics.tta.flip %}, no mirror image{% endif %})</td><td>{{ metrics.tta.acc1 | percent(2) }}</td><td>{{ metrics.tta.acc5 | percent(2) }}</td><td>{{ metrics.tta.balanced_acc | percent(2) }}</td><td>{{ metrics.tta.macro_f1 | fixed(3) }}</td><td>{{ metrics.tta.loss | fixed(3) }}</td></tr>
+</table>
+<p class="muted">Test-time augmentation averages the probabilities of each image's views (`imgcls eval RUN --tta`).</p>
+{% endif %}
 {% else %}{{ missing("metrics of the " ~ tag ~ " split (metrics_" ~ tag ~ ".json)", hint) }}{% endif %}
 {% if highlights %}<h3>At a glance</h3>
 <ul class="highlights">{% for line in highlights %}<li>{{ line }}</li>{% endfor %}</ul>{% endif %}

@@ -25,7 +25,7 @@ import logging
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,8 +103,8 @@ class Batcher:
     max_wait_ms: float = 5.0
     batches: int = 0
     images: int = 0
-    queue: asyncio.Queue | None = None
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="inference"))
+    queue: asyncio.Queue | None = None  # made, with the executor, when the app starts (in its event loop)
+    executor: ThreadPoolExecutor | None = None
 
     async def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Calibrated probabilities of each uint8 HWC image, computed in the shared batches."""
@@ -255,12 +255,16 @@ def create_app(predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 5
     from contextlib import asynccontextmanager
 
     batcher = Batcher(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    decoders = ThreadPoolExecutor(4, thread_name_prefix="decode")  # PIL releases the GIL while decoding
+    decoders: ThreadPoolExecutor | None = None
     engine = engine or ("onnxruntime" if isinstance(predictor, OnnxClassifier) else "torch")
     started = time.time()
 
     @asynccontextmanager
     async def lifespan(_app):
+        # made at every start, so that one app can be started again (as tests do)
+        nonlocal decoders
+        decoders = ThreadPoolExecutor(4, thread_name_prefix="decode")  # PIL releases the GIL while decoding
+        batcher.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         batcher.queue = asyncio.Queue()
         task = asyncio.create_task(batcher.run())
         yield
