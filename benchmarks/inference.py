@@ -6,7 +6,7 @@
     Runtime fp32 (the graph `imgcls export` writes) and ONNX Runtime int8 (`imgcls export --int8`).
     Every engine gets the same threads (all usable cores). Ratios are against eager fp32.
 (2) The server: `imgcls serve model.onnx` in its own process, loaded by an asyncio HTTP client
-    (httpx) at concurrency 1, 8 and 32 with one real PNG/JPEG per request: requests/s, p50/p99
+    (aiohttp; httpx's ran out of CPU before the server did) at concurrency 1, 8 and 32 with one real PNG/JPEG per request: requests/s, p50/p99
     latency, errors, and the ratio to the offline batch-64 throughput of the same engine (ORT fp32).
     The client runs on the same cores as the server, so on a 2-core machine it takes a share of them.
 
@@ -88,7 +88,7 @@ def engines(name: str, size: int, folder: Path) -> dict[str, object]:
     }
 
 
-def bench_engines(names: list[str], folder: Path, seconds: float) -> dict[str, float]:
+def bench_engines(names: list[str], folder: Path, seconds: float, only: list[str] | None) -> dict[str, float]:
     """Prints the engine table; returns the ORT fp32 batch-64 throughput per model."""
     offline = {}
     torch.set_num_threads(len(usable_cores()))
@@ -102,9 +102,11 @@ def bench_engines(names: list[str], folder: Path, seconds: float) -> dict[str, f
         print(f"{'engine':18s} {'p50 ms':>8s} {'p99 ms':>8s} {'img/s @64':>10s}  {'latency vs eager':>16s} {'throughput vs eager':>19s}")
         base_latency = base_throughput = None
         for engine, run in runs.items():
+            if only and engine not in only:
+                continue
             p50, p99 = latency_ms(run, single, calls)
             rate = throughput(run, batch, seconds)
-            base_latency, base_throughput = base_latency or p50, base_throughput or rate
+            base_latency, base_throughput = base_latency or p50, base_throughput or rate  # eager fp32 comes first
             print(f"{engine:18s} {p50:8.2f} {p99:8.2f} {rate:10.0f}  {p50 / base_latency:15.2f}x {rate / base_throughput:18.2f}x")
             if engine == "onnxruntime fp32":
                 offline[name] = rate
@@ -129,23 +131,27 @@ def sample_upload(size: int) -> tuple[str, bytes]:
 
 
 async def load_test(url: str, upload: tuple[str, bytes], concurrency: int, seconds: float) -> dict[str, float]:
-    import httpx
+    """`concurrency` clients, each posting the upload again as soon as it has its answer, for `seconds`."""
+    import aiohttp
 
     latencies, errors, server_errors = [], 0, 0
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        async def worker() -> None:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def client() -> None:
             nonlocal errors, server_errors
             while time.perf_counter() < deadline:
+                form = aiohttp.FormData()
+                form.add_field("file", upload[1], filename=upload[0])
                 start = time.perf_counter()
-                response = await client.post(url, files={"file": upload})
+                async with session.post(url, data=form) as response:
+                    await response.read()
                 latencies.append(1000 * (time.perf_counter() - start))
-                if response.status_code != 200:
+                if response.status != 200:
                     errors += 1
-                    server_errors += response.status_code >= 500
+                    server_errors += response.status >= 500
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     return {"requests_per_second": len(latencies) / elapsed, "p50": float(np.percentile(latencies, 50)),
             "p99": float(np.percentile(latencies, 99)), "errors": errors, "server_errors": server_errors,
@@ -188,12 +194,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--seconds", type=float, default=5.0, help="per throughput / load measurement")
     parser.add_argument("--no-server", action="store_true")
+    parser.add_argument("--engines", nargs="+", help="only these engines, e.g. 'onnxruntime fp32' (the server's "
+                                                     "ratio needs it)")
     args = parser.parse_args()
     bf16 = "yes" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no"
     print(f"torch {torch.__version__}, {len(usable_cores())} usable cores, AVX-512 BF16: {bf16}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     with tempfile.TemporaryDirectory() as folder:
-        offline = bench_engines(args.models, Path(folder), args.seconds)
+        offline = bench_engines(args.models, Path(folder), args.seconds, args.engines)
         if not args.no_server:
             bench_server(args.models, Path(folder), offline, args.seconds)
 

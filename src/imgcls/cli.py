@@ -209,7 +209,8 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from imgcls.serve import serve
 
-    serve(args.model, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch)
+    serve(args.model, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms)
     return 0
 
 
@@ -430,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", default="auto", choices=("auto", "onnx", "torch"),
                        help="auto: ONNX Runtime (a run is exported in memory at start), torch without onnxruntime")
     serve.add_argument("--max-batch", type=int, default=32, help="images per forward pass at most (default 32)")
+    serve.add_argument("--max-wait-ms", type=float, default=0.0,
+                       help="how long a batch's first image may wait for more (default 0: a batch is what "
+                            "arrived while the previous one ran)")
     serve.set_defaults(handler=_serve)
 
     models = commands.add_parser("models", help="list model names (timm architectures and small_resnet)")

@@ -236,8 +236,10 @@ class OnnxClassifier(Predictor):
     `logits`; the metadata (class names, preprocessing, calibration) is in the file's metadata_props.
     """
 
-    def __init__(self, model: str | Path | bytes, threads: int | None = None):
-        """`model`: the .onnx file, or its bytes (a model exported in memory)."""
+    def __init__(self, model: str | Path | bytes, threads: int | None = None, spinning: bool = True):
+        """`model`: the .onnx file, or its bytes (a model exported in memory). `spinning=False` stops
+        ONNX Runtime's threads from busy-waiting for the next run (they spin by default, which is fastest
+        for back-to-back batches but takes CPU from a server's decoding and HTTP handling)."""
         try:
             import onnxruntime
         except ImportError:
@@ -249,6 +251,8 @@ class OnnxClassifier(Predictor):
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                                         providers=["CPUExecutionProvider"])

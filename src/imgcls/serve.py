@@ -10,8 +10,8 @@ FastAPI + uvicorn rather than LitServe: both batch, but FastAPI is the stack mos
 already run, its OpenAPI page comes free, and it adds nothing between a request and our own batcher.
 
 Requests are batched on the server: uploads are decoded in worker threads (the same `load_square`
-as training), queued, and one inference thread runs up to `max_batch` images per forward pass, waiting
-at most `max_wait_ms` for a batch to fill. Uploads are parsed in memory and never written to disk;
+as training), queued, and one inference thread runs up to `max_batch` images per forward pass: those
+that arrived while the previous pass ran (see `Batcher`). Uploads are parsed in memory and never written to disk;
 one that is not an image, empty, too large or a decompression bomb gets a 4xx JSON answer that names
 the file, and the server keeps serving.
 
@@ -70,7 +70,7 @@ def load_engine(model: str | Path, engine: Engine = "auto") -> Predictor:
     if str(model).endswith(".onnx"):
         if engine == "torch":
             raise ImgclsError("--engine torch needs a run folder or model.safetensors, not an .onnx file")
-        return OnnxClassifier(model)
+        return OnnxClassifier(model, spinning=False)
     classifier = load(model, device="auto")
     if engine == "torch":
         return classifier
@@ -84,7 +84,14 @@ def load_engine(model: str | Path, engine: Engine = "auto") -> Predictor:
         return classifier
     from imgcls.export import onnx_in_memory
 
-    return onnx_in_memory(classifier)
+    try:
+        return onnx_in_memory(classifier, spinning=False)
+    except Exception as error:  # an operation the exporter lacks, or failed parity: PyTorch still serves
+        if engine == "onnx":
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.warning(f"serving with PyTorch: the model could not be exported to ONNX ({reason})")
+        return classifier
 
 
 @dataclass
@@ -96,11 +103,17 @@ class _Pending:
 @dataclass
 class Batcher:
     """Collects decoded images from concurrent requests into batches of up to `max_batch` for one
-    inference thread. The first image of a batch waits at most `max_wait_ms` for others to join."""
+    inference thread.
+
+    A batch is whatever waits when the inference thread becomes free: alone, a request runs at once
+    (a fixed wait would add its whole length to every request at low load); under load, the images that
+    arrived while the previous batch ran go together. `max_wait_ms` > 0 also lets a batch's first image
+    wait that long for more (fuller batches for slow models, at that cost in latency).
+    """
 
     predictor: Predictor
     max_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     batches: int = 0
     images: int = 0
     queue: asyncio.Queue | None = None  # made, with the executor, when the app starts (in its event loop)
@@ -118,6 +131,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
+            await asyncio.sleep(0)  # one turn of the event loop: requests decoded meanwhile join the batch
             deadline = loop.time() + self.max_wait_ms / 1000
             while len(batch) < self.max_batch:
                 try:
@@ -245,7 +259,7 @@ def _answer(name: str, probabilities: np.ndarray, class_names: list[str], topk: 
 # the application
 
 
-def create_app(predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 5.0, engine: str = ""):
+def create_app(predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 0.0, engine: str = ""):
     """The FastAPI application serving `predictor` (see the module docstring for the routes)."""
     try:
         from fastapi import FastAPI, Request
@@ -336,7 +350,7 @@ def create_app(predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 5
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, engine: Engine = "auto",
-          max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+          max_batch: int = 32, max_wait_ms: float = 0.0) -> None:
     """Serve `model` (a run folder, model.safetensors or model.onnx) until interrupted."""
     try:
         import uvicorn
