@@ -350,7 +350,15 @@ def test_upload_page_in_headless_chromium(server_url, classifier, photos):
         assert label.text == expected_rows(classifier, [photo])[0]["label"]
         card = driver.find_element(By.CSS_SELECTOR, ".result")
         assert card.get_attribute("data-filename") == photo.name
-        assert len(card.find_elements(By.CSS_SELECTOR, ".bar")) == min(TOPK, len(classifier.class_names))
+        bars = card.find_elements(By.CSS_SELECTOR, ".bar")
+        assert len(bars) == min(TOPK, len(classifier.class_names))
+        # each bar is drawn as long as its probability: the fill's share of a visibly wide track
+        (row,) = expected_rows(classifier, [photo])
+        for rank, bar in enumerate(bars, start=1):
+            track = bar.find_element(By.CSS_SELECTOR, ".track").size["width"]
+            fill = bar.find_element(By.CSS_SELECTOR, ".fill").size["width"]
+            assert track > 100
+            assert fill / track == pytest.approx(row[f"prob_{rank}"], abs=0.02)
 
 
 def test_command_line_serves_an_onnx_file(onnx_path, classifier, photos, tmp_path):
