@@ -159,10 +159,8 @@ class Predictor:
             return self.forward(images)
         return np.mean([self.forward(view) for view in views], axis=0, dtype=np.float32)
 
-    def rows_for(self, images: np.ndarray, topk: int = 5, threshold: float | None = None,
-                 tta: TestTimeAugmentation | None = None) -> list[dict[str, Any]]:
-        """label, confidence and label_k/prob_k for each image of a uint8 NHWC batch."""
-        probabilities = self.batch_probabilities(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), tta)
+    def answers(self, probabilities: np.ndarray, topk: int = 5, threshold: float | None = None) -> list[dict[str, Any]]:
+        """label, confidence and label_k/prob_k for each row of probabilities (`unknown` below `threshold`)."""
         topk = max(1, min(topk, len(self.class_names)))
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :topk]
         rows = []
@@ -174,6 +172,12 @@ class Predictor:
                 row[f"label_{rank}"], row[f"prob_{rank}"] = self.class_names[index], value
             rows.append(row)
         return rows
+
+    def rows_for(self, images: np.ndarray, topk: int = 5, threshold: float | None = None,
+                 tta: TestTimeAugmentation | None = None) -> list[dict[str, Any]]:
+        """`answers` for a uint8 NHWC batch."""
+        probabilities = self.batch_probabilities(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), tta)
+        return self.answers(probabilities, topk, threshold)
 
     def predict(self, paths: Iterable[str | Path], topk: int = 5, batch_size: int = 64,
                 reject: str | float | None = None, tta: TestTimeAugmentation | None = None) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from imgcls.errors import ImgclsError
-from imgcls.predict import UNKNOWN, OnnxClassifier, Predictor, imgcls_version, load
+from imgcls.predict import OnnxClassifier, Predictor, imgcls_version, load
 
 __all__ = ["serve", "create_app", "load_engine", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES", "MAX_PIXELS"]
 
@@ -242,17 +242,11 @@ def _decode(name: str, data: bytes, size: int, resize: str) -> np.ndarray:
         raise UploadError(400, f"{name}: the image cannot be decoded ({reason})", name) from None
 
 
-def _answer(name: str, probabilities: np.ndarray, class_names: list[str], topk: int,
-            threshold: float | None) -> dict[str, Any]:
-    order = np.argsort(-probabilities, kind="stable")[:topk]
-    confidence = float(probabilities[order[0]])
-    accepted = threshold is None or confidence >= threshold
-    return {
-        "filename": name,
-        "label": class_names[order[0]] if accepted else UNKNOWN,
-        "confidence": confidence,
-        "topk": [{"label": class_names[index], "probability": float(probabilities[index])} for index in order],
-    }
+def _answer(filename: str, row: dict[str, Any], topk: int) -> dict[str, Any]:
+    """A `Predictor.answers` row in the API's shape."""
+    ranks = range(1, topk + 1)
+    return {"filename": filename, "label": row["label"], "confidence": row["confidence"],
+            "topk": [{"label": row[f"label_{rank}"], "probability": row[f"prob_{rank}"]} for rank in ranks]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,9 +312,9 @@ def create_app(predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 0
         for outcome in images:
             if isinstance(outcome, BaseException):
                 raise outcome
-        rows = await batcher.probabilities(list(images))
-        return {"predictions": [_answer(name, row, predictor.class_names, topk, threshold)
-                                for (name, _), row in zip(files, rows)]}
+        probabilities = await batcher.probabilities(list(images))
+        rows = predictor.answers(np.stack(probabilities), topk, threshold)
+        return {"predictions": [_answer(name, row, topk) for (name, _), row in zip(files, rows)]}
 
     @app.get("/health", summary="Liveness and counters")
     async def health() -> dict[str, Any]:
