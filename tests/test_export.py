@@ -159,6 +159,11 @@ def test_int8_export_is_smaller_and_reports_its_accuracy(trained_run, tmp_path, 
     assert all(row["label"] and not row["error"] for row in rows)
 
 
+def test_export_reads_a_run_not_an_exported_file(exported, capsys):
+    assert main(["export", str(exported / "model.onnx")]) == 2
+    assert "reads a run folder or its model.safetensors, not model.onnx" in capsys.readouterr().err
+
+
 def test_int8_needs_the_onnx_format(trained_run):
     with pytest.raises(ImgclsError, match="--int8 quantizes the ONNX model"):
         imgcls.export(trained_run, formats=("pt2",), int8=True)

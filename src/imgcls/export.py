@@ -98,11 +98,12 @@ def export(run: str | Path, formats: Iterable[Format] = ("onnx",), out: str | Pa
     if int8 and "onnx" not in formats:
         raise ImgclsError("--int8 quantizes the ONNX model: add --format onnx (or all)")
     artifact = find_artifact(run)
+    if artifact.suffix != ".safetensors":
+        raise ImgclsError(f"imgcls export reads a run folder or its model.safetensors, not {artifact.name}")
     run_dir = artifact.parent.parent if artifact.parent.name == "checkpoints" else artifact.parent
     out = Path(out) if out else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     classifier = load(artifact, device="cpu")
-    assert isinstance(classifier, Classifier)
     _plain_layout(classifier)
     parity = parity_image_set(classifier, run_dir, "test", parity_images)
     log.info(f"parity check on {parity.source}")
