@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgcls.export import generated_images, onnx_program, quantize_int8
+from imgcls.exporting import generated_images, onnx_program, quantize_int8
 from imgcls.models import create_model
-from imgcls.predict import Classifier, OnnxClassifier
+from imgcls.prediction import Classifier, OnnxClassifier
 from imgcls.runtime import Runtime, usable_cores
 
 CASES = {"small_resnet": 28, "resnet18": 224}

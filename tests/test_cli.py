@@ -122,7 +122,7 @@ def test_predict_python_api_and_globs(trained_run, shapes_folder):
     rows = classifier.predict(sorted((shapes_folder / "square").glob("*.png"))[:4], topk=3)
     assert all(0 <= row["confidence"] <= 1 for row in rows)
     assert abs(sum(row[f"prob_{k}"] for k in (1, 2, 3) for row in rows[:1]) - 1) < 1e-4
-    from imgcls.predict import expand_paths
+    from imgcls.prediction import expand_paths
 
     assert len(expand_paths([str(shapes_folder / "triangle" / "*.jpg")])) == 20
 

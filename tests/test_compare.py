@@ -1,4 +1,4 @@
-"""imgcls.compare on run folders built by hand with known answers (means, discordant counts, verdicts),
+"""imgcls.comparison on run folders built by hand with known answers (means, discordant counts, verdicts),
 and once on what two real tiny training runs per configuration write."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 from scipy.stats import binomtest, chi2
 
 import imgcls
-from imgcls.compare import compare, find_runs, group_runs, mcnemar_test, paired_test
+from imgcls.comparison import compare, find_runs, group_runs, mcnemar_test, paired_test
 from imgcls.config import load_config, save_config
 from imgcls.errors import ImgclsError
 

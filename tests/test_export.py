@@ -22,7 +22,7 @@ from PIL import Image
 import imgcls
 from imgcls.cli import main
 from imgcls.errors import ImgclsError
-from imgcls.predict import OnnxClassifier, augmented_views, load
+from imgcls.prediction import OnnxClassifier, augmented_views, load
 from tests.conftest import copy_tree
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0", "data.augment=none"]
@@ -125,8 +125,7 @@ def test_pt2_program_answers_as_the_run(trained_run, exported):
 
 
 def test_failed_parity_is_an_error_and_keeps_no_file(trained_run, tmp_path, monkeypatch, capsys):
-    # imgcls.export is the function; the module is in sys.modules. No export can pass a bar below 0.
-    monkeypatch.setattr(sys.modules["imgcls.export"], "PARITY_MAX_DIFFERENCE", -1.0)
+    monkeypatch.setattr("imgcls.exporting.PARITY_MAX_DIFFERENCE", -1.0)  # no export can pass a bar below 0
     out = tmp_path / "out"
     assert main(["export", str(trained_run), "--out", str(out)]) == 2
     assert "export parity failed" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from imgcls.data.sources import DataSource
 from imgcls.losses import FocalLoss, balanced_class_weights, build_loss
 from imgcls.models import create_model, head_parameters, set_backbone_trainable
 from imgcls.runtime import Runtime
-from imgcls.train import build_optimizer, train_one_epoch
+from imgcls.training import build_optimizer, train_one_epoch
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0", "data.augment=none"]
 

@@ -22,7 +22,7 @@ from imgcls.checkpoint import CheckpointSet, load_artifact, load_checkpoint
 from imgcls.cli import main
 from imgcls.config import load_config
 from imgcls.tracking import create_run_dir, process_identity, read_summary, update_summary
-from imgcls.train import is_improvement
+from imgcls.training import is_improvement
 
 TINY = ["model.name=small_resnet", "data.image_size=16", "train.batch_size=16", "seed=0", "data.augment=none"]
 KILL_AT = str(Path(__file__).with_name("kill_at.py"))
@@ -123,12 +123,12 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(shap
     reference_weights = load_file(runs / "straight" / "checkpoints" / "model.safetensors")
 
     kill_points = {
-        "before-the-splits-are-saved": ("imgcls.train:write_splits_csv", 1),
+        "before-the-splits-are-saved": ("imgcls.training:write_splits_csv", 1),
         "before-first-checkpoint": ("last.ckpt", 1),
         "after-last-before-best": ("best.ckpt", best_writes),  # the reported bug: the artifact lagged
         "after-best-before-artifact": ("model.safetensors", best_writes),
-        "after-the-final-epoch": ("imgcls.train:calibrate", 1),
-        "during-the-final-evaluation": ("imgcls.train:evaluate", 1),
+        "after-the-final-epoch": ("imgcls.training:calibrate", 1),
+        "during-the-final-evaluation": ("imgcls.training:evaluate", 1),
     }
     for name, kill in kill_points.items():
         killed = run_cli(*common, f"run.name={name}", kill=kill)
@@ -196,7 +196,7 @@ def test_an_infinite_learning_rate_is_a_config_error():
 
 
 def test_fp16_loss_scaling_that_gave_up_stops_training():
-    from imgcls.train import TrainingDiverged, check_finite
+    from imgcls.training import TrainingDiverged, check_finite
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -38,8 +38,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import imgcls
-from imgcls.predict import UNKNOWN, OnnxClassifier
-from imgcls.serve import MAX_FILE_BYTES, MAX_REQUEST_BYTES, create_app
+from imgcls.prediction import UNKNOWN, OnnxClassifier
+from imgcls.serving import MAX_FILE_BYTES, MAX_REQUEST_BYTES, create_app
 
 TOPK = 5  # the API's default top-k
 STARLETTE_SPOOL_BYTES = 2**20  # Starlette's MultiPartParser spools a larger upload to a disk file

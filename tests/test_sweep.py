@@ -12,7 +12,7 @@ import imgcls
 from imgcls.cli import main
 from imgcls.config import load_config
 from imgcls.errors import ImgclsError
-from imgcls.sweep import load_search_space, parse_grid, plan_sweep, worker_slots
+from imgcls.sweeps import load_search_space, parse_grid, plan_sweep, worker_slots
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "data.augment=none",
         "train.calibrate=false", "tracking.tensorboard=false"]
@@ -139,7 +139,7 @@ def test_a_pruned_trial_stops_its_run_and_marks_it(shapes_folder, tmp_path):
     import optuna
 
     from imgcls.config import save_config
-    from imgcls.sweep import _objective
+    from imgcls.sweeps import _objective
 
     base = tmp_path / "base.yaml"
     save_config(load_config(overrides=[f"data.path={shapes_folder}", "train.epochs=3", *FAST]), base)

@@ -16,7 +16,7 @@ import torch
 
 import imgcls
 from imgcls.config import load_config
-from imgcls.train import cosine_with_warmup, is_improvement
+from imgcls.training import cosine_with_warmup, is_improvement
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
 TIMING_COLUMNS = {"epoch_seconds", "train_images_per_s", "data_wait", "train_gflops_per_s"}
@@ -126,7 +126,7 @@ def test_is_improvement_direction():
 
 def test_auto_model_and_size_follow_the_images(shapes_folder, tmp_path):
     from imgcls.data import assign_splits, resolve_source
-    from imgcls.train import _resolve_auto
+    from imgcls.training import _resolve_auto
     from tests.conftest import write_class_folders
 
     source = assign_splits(resolve_source(str(shapes_folder)), 0.1, 0.1, 0)

@@ -9,18 +9,14 @@
     folder = imgcls.sweep(None, ["data.path=digits", "optim.lr=1e-3,3e-4"], seeds=[1, 2, 3])
     imgcls.compare([folder])                                   # mean ± std per configuration, paired test
 
-The public names load on first use (PEP 562), so that `import imgcls.predict` with an ONNX model
-never imports torch or timm. Several verbs share their module's name (`imgcls.train` is a module
-and a function): the import system sets the package attribute to the module after loading it, so
-`_Package.__setattr__` keeps the function there instead, as an eager `from imgcls.train import
-train` used to.
+The public names load on first use (PEP 562), so that `import imgcls.prediction` with an ONNX model
+never imports torch or timm. Modules are nouns (`imgcls.training`, `imgcls.evaluation`, ...) and the verbs
+they define are re-exported here (`imgcls.train`, `imgcls.evaluate`, ...).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __all__ = [
     "Classifier", "Config", "ImgclsError", "OnnxClassifier", "calibrate", "compare", "cross_validate", "evaluate",
@@ -30,12 +26,12 @@ __all__ = [
 
 # public name -> the module that defines it
 _SOURCES = {
-    "Classifier": "imgcls.predict", "OnnxClassifier": "imgcls.predict", "load": "imgcls.predict",
-    "predict": "imgcls.predict", "Config": "imgcls.config", "load_config": "imgcls.config",
-    "ImgclsError": "imgcls.errors", "calibrate": "imgcls.evaluate", "evaluate": "imgcls.evaluate",
-    "compare": "imgcls.compare", "cross_validate": "imgcls.sweep", "sweep": "imgcls.sweep", "tune": "imgcls.sweep",
-    "export": "imgcls.export", "find_learning_rate": "imgcls.lr_finder", "list_models": "imgcls.models",
-    "serve": "imgcls.serve", "train": "imgcls.train", "write_report": "imgcls.report",
+    "Classifier": "imgcls.prediction", "OnnxClassifier": "imgcls.prediction", "load": "imgcls.prediction",
+    "predict": "imgcls.prediction", "Config": "imgcls.config", "load_config": "imgcls.config",
+    "ImgclsError": "imgcls.errors", "calibrate": "imgcls.evaluation", "evaluate": "imgcls.evaluation",
+    "compare": "imgcls.comparison", "cross_validate": "imgcls.sweeps", "sweep": "imgcls.sweeps", "tune": "imgcls.sweeps",
+    "export": "imgcls.exporting", "find_learning_rate": "imgcls.lr_finder", "list_models": "imgcls.models",
+    "serve": "imgcls.serving", "train": "imgcls.training", "write_report": "imgcls.report",
 }
 
 
@@ -49,14 +45,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: object) -> None:
-        # `import imgcls.train` ends with setattr(imgcls, "train", <module>): keep the verb instead
-        if isinstance(value, types.ModuleType) and _SOURCES.get(name) == value.__name__ and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

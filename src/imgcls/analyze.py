@@ -1,6 +1,6 @@
 """Error analysis, calibration and training-curve figures for an evaluated split.
 
-Everything here is a pure function of what `imgcls.evaluate.predict_loader` returns (logits N x C,
+Everything here is a pure function of what `imgcls.evaluation.predict_loader` returns (logits N x C,
 labels N) plus the class names and image paths, so it is tested without a model. The vocabulary
 follows fastai's ClassificationInterpretation (`most_confused`, top losses) and MMPretrain's
 analysis tools; calibration follows Guo et al. 2017, "On Calibration of Modern Neural Networks".
@@ -40,7 +40,7 @@ __all__ = [
 TOP_K = 5  # "is the true class still among the top-5?" for errors (clipped to the class count)
 CONFIDENT = 0.9  # a mistake made with a softmax confidence at or above this is a "confident error"
 TEMPERATURE_RANGE = (0.05, 20.0)  # fitted temperatures are clamped here: beyond, the fit is degenerate
-FIGURE_DPI = 110  # the same as the confusion matrices in evaluate.py
+FIGURE_DPI = 110  # the same as the confusion matrices in evaluation.py
 
 Array = np.ndarray | torch.Tensor
 

@@ -17,7 +17,7 @@ log = logging.getLogger("imgcls")
 
 def _train(args: argparse.Namespace) -> int:
     from imgcls.config import load_config
-    from imgcls.train import train
+    from imgcls.training import train
 
     if args.resume:
         if args.data:
@@ -35,7 +35,7 @@ def _cache(args: argparse.Namespace) -> int:
     from imgcls.config import load_config
     from imgcls.data import cache_dir
     from imgcls.data.cache import cache_entries, cache_folder, cached_paths, check_entry, remove_entry
-    from imgcls.train import cache_dataset, resolve_data
+    from imgcls.training import cache_dataset, resolve_data
 
     if not args.data and not (args.verify or args.clear):
         raise ImgclsError("give DATA to cache, or --verify / --clear for every entry of the cache folder")
@@ -84,7 +84,7 @@ def _lr_find(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from imgcls.evaluate import evaluate
+    from imgcls.evaluation import evaluate
 
     metrics = evaluate(args.run, split=args.split, data=args.data, device=args.device, quiet=args.json,
                        explain=not args.no_explain, layer=args.layer, tta=args.tta)
@@ -106,7 +106,7 @@ def _with_data_path(args: argparse.Namespace) -> list[str]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from imgcls.sweep import sweep
+    from imgcls.sweeps import sweep
 
     sweep(args.config, _with_data_path(args), _seeds(args.seeds), name=args.name, jobs=args.jobs, resume=args.resume,
           verbose=args.verbose)
@@ -114,7 +114,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
-    from imgcls.sweep import cross_validate
+    from imgcls.sweeps import cross_validate
 
     if not args.data and not args.resume:
         raise ImgclsError("imgcls cv needs DATA (a folder, CSV or packaged dataset), or --resume FOLDER")
@@ -124,7 +124,7 @@ def _cv(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from imgcls.sweep import tune
+    from imgcls.sweeps import tune
 
     index, _, count = args.worker.partition("/")
     tune(args.data, args.config, args.overrides, trials=args.trials, space_file=args.space, name=args.name,
@@ -133,7 +133,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from imgcls.compare import compare
+    from imgcls.comparison import compare
 
     result = compare(args.runs, split=args.split, csv_path=args.csv, markdown_path=args.markdown,
                      ignore=args.ignore or (), quiet=args.json)
@@ -147,14 +147,14 @@ def _compare(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import csv
 
-    from imgcls.evaluate import evaluate
+    from imgcls.evaluation import evaluate
     from imgcls.report import write_report
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise ImgclsError(f"{run} is not a run folder (no config.yaml); give runs/NAME")
     split = args.split
-    if split is None:  # train.py's choice: test, or val for data without a test split
+    if split is None:  # training's choice: test, or val for data without a test split
         with open(run / "splits.csv", newline="") if (run / "splits.csv").is_file() else open(os.devnull) as handle:
             splits = {row["split"] for row in csv.DictReader(handle)}
         split = "test" if "test" in splits or not splits else "val"
@@ -168,7 +168,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from imgcls.predict import expand_paths, load, write_predictions_csv
+    from imgcls.prediction import expand_paths, load, write_predictions_csv
 
     classifier = load(args.run, args.device)
     paths = expand_paths(args.paths)
@@ -188,7 +188,7 @@ def _predict(args: argparse.Namespace) -> int:
     if failed:
         log.warning(f"{failed} of {len(rows)} files could not be read; see the error column")
     if args.reject:
-        from imgcls.predict import UNKNOWN
+        from imgcls.prediction import UNKNOWN
 
         rejected = sum(1 for row in rows if row["label"] == UNKNOWN)
         log.info(f"{rejected} of {len(rows)} answered '{UNKNOWN}' (confidence below "
@@ -197,7 +197,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from imgcls.export import FORMATS, export
+    from imgcls.exporting import FORMATS, export
 
     formats = FORMATS if args.format == "all" else (args.format,)
     result = export(args.run, formats=formats, out=args.out, int8=args.int8)
@@ -207,7 +207,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from imgcls.serve import serve
+    from imgcls.serving import serve
 
     serve(args.model, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms)

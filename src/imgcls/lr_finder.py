@@ -27,7 +27,7 @@ from imgcls.losses import build_loss
 from imgcls.models import set_backbone_trainable
 from imgcls.runtime import Runtime, seed_everything
 from imgcls.tracking import create_run_dir, setup_logging
-from imgcls.train import resolve_data, build_model, build_optimizer, train_one_epoch
+from imgcls.training import resolve_data, build_model, build_optimizer, train_one_epoch
 
 __all__ = ["find_learning_rate", "smooth", "suggest_valley", "suggest_steepest"]
 

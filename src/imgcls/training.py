@@ -26,7 +26,7 @@ from imgcls.data import (
 )
 from imgcls.data.augment import build_mixing
 from imgcls.errors import ImgclsError
-from imgcls.evaluate import calibrate, compute_metrics, evaluate, predict_loader
+from imgcls.evaluation import calibrate, compute_metrics, evaluate, predict_loader
 from imgcls.losses import build_loss
 from imgcls.models import (
     create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image,

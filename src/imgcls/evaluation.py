@@ -30,11 +30,11 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, runtime: Runtime,
                    flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits as float32 on CPU, labels) over a whole loader, in eval mode.
 
-    With `tta` ("flip" or "crops", see `imgcls.predict.augmented_views`; `flip=False` leaves the mirror
+    With `tta` ("flip" or "crops", see `imgcls.prediction.augmented_views`; `flip=False` leaves the mirror
     image out), the logits are the log of the softmax averaged over the views: their softmax is the
     test-time-augmented probability, and every metric reads them as it reads plain logits.
     """
-    from imgcls.predict import augmented_views
+    from imgcls.prediction import augmented_views
 
     model.eval()
     all_logits, all_labels = [], []
@@ -323,7 +323,7 @@ def calibrate(run: str | Path, device: str = "auto", target_precision: float = 0
     """
     from imgcls import analyze
     from imgcls.checkpoint import load_artifact, save_artifact
-    from imgcls.predict import find_artifact, load
+    from imgcls.prediction import find_artifact, load
 
     classifier = load(run, device)
     _, logits, labels, _, _ = predict_split(classifier, _run_folder(run), "val", None, batch_size)
@@ -364,7 +364,7 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
     Raises:
         ImgclsError: no such split, class names the model does not know, or an unknown layer.
     """
-    from imgcls.predict import load
+    from imgcls.prediction import load
 
     classifier = load(run, device)
     run_dir = _run_folder(run)
@@ -402,7 +402,7 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
 def _tta_metrics(classifier, dataset, batch_size: int, tta: str) -> dict[str, Any]:
     """The split's metrics with test-time augmentation (see `predict_loader`)."""
     from imgcls.data import make_loader
-    from imgcls.predict import augmented_views
+    from imgcls.prediction import augmented_views
 
     if not classifier.flip_allowed:
         log.info("TTA without the mirror image: the model was trained with data.horizontal_flip=false")

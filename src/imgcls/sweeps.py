@@ -69,7 +69,7 @@ def _state(run_dir: Path) -> str:
 
 
 def _train_here(base: Path, folder: Path, run: PlannedRun, state: str) -> None:
-    from imgcls.train import train
+    from imgcls.training import train
 
     if state == "resumable":
         train(resume=folder / run.name)
@@ -253,7 +253,7 @@ def sweep(config_file: str | None, overrides: list[str], seeds: list[int], name:
              f"{len(plan['seeds'])} seeds)")
     statuses = run_all(base, folder, runs, jobs, verbose)
     _report_statuses(statuses)
-    from imgcls.compare import compare
+    from imgcls.comparison import compare
 
     compare([folder])
     return folder
@@ -343,8 +343,8 @@ def _summarise_folds(folder: Path, fold_names: list[str]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from imgcls.evaluate import compute_metrics, predict_split
-    from imgcls.predict import load
+    from imgcls.evaluation import compute_metrics, predict_split
+    from imgcls.prediction import load
 
     rows, per_fold = [], []
     for fold, name in enumerate(fold_names, start=1):
@@ -428,7 +428,7 @@ def _suggest(trial, key: str, spec: Any) -> Any:
 def _objective(base: Path, folder: Path, fixed: list[str], space: dict[str, Any], monitor: str, verbose: bool = False):
     import optuna
 
-    from imgcls.train import RunStopped, train
+    from imgcls.training import RunStopped, train
 
     def objective(trial: optuna.Trial) -> float:
         values = {key: _suggest(trial, key, spec) for key, spec in space.items()}

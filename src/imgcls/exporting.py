@@ -31,7 +31,7 @@ from torch import nn
 
 from imgcls.checkpoint import atomic_write, default_file_mode
 from imgcls.errors import ImgclsError
-from imgcls.predict import ONNX_METADATA_KEY, Classifier, OnnxClassifier, Predictor, find_artifact, imgcls_version, load
+from imgcls.prediction import ONNX_METADATA_KEY, Classifier, OnnxClassifier, Predictor, find_artifact, imgcls_version, load
 
 __all__ = ["export", "ExportedModel", "onnx_program", "onnx_in_memory", "quantize_int8", "generated_images",
            "PARITY_AGREEMENT", "PARITY_MAX_DIFFERENCE"]

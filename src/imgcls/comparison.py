@@ -38,7 +38,7 @@ NOT_EXPERIMENT_KEYS = (
 )
 # the columns of the table, from metrics_<split>.json; acc1 (top-1 accuracy) ranks the configurations
 METRICS = ("acc1", "acc5", "loss", "macro_f1", "ece")
-# a folder made by `imgcls sweep`, `cv` or `tune` has one of these (imgcls.sweep writes plan.json);
+# a folder made by `imgcls sweep`, `cv` or `tune` has one of these (imgcls.sweeps writes plan.json);
 # given such a folder alone, compare writes comparison.csv and comparison.md into it
 SWEEP_FILES = ("plan.json", "sweep.yaml")
 _SIGNIFICANCE = 0.05  # two-sided level of both tests

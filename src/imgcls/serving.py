@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from imgcls.errors import ImgclsError
-from imgcls.predict import OnnxClassifier, Predictor, imgcls_version, load
+from imgcls.prediction import OnnxClassifier, Predictor, imgcls_version, load
 
 __all__ = ["serve", "create_app", "load_engine", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES", "MAX_PIXELS"]
 
@@ -82,7 +82,7 @@ def load_engine(model: str | Path, engine: Engine = "auto") -> Predictor:
             raise ImgclsError("--engine onnx needs onnxruntime and onnxscript: pip install 'imgcls[export]'") from None
         log.info("serving with PyTorch (pip install 'imgcls[export]' to serve with ONNX Runtime)")
         return classifier
-    from imgcls.export import onnx_in_memory
+    from imgcls.exporting import onnx_in_memory
 
     try:
         return onnx_in_memory(classifier, spinning=False)
