@@ -146,7 +146,7 @@ def _eval_hint(run_dir: Path, tag: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 def _choose_tag(run: _RunFolder, split: str | None, split_counts: dict[str, dict[str, int]] | None) -> str:
-    """The evaluated split to report: as asked, else test, else val (train.py's own choice)."""
+    """The evaluated split to report: as asked, else test, else val (training's own choice)."""
     if split is not None:
         return split
     for candidate in ("test", "val"):
@@ -366,7 +366,7 @@ def _gather(run_dir: Path, split: str | None) -> dict[str, Any]:
 
     metrics = run.json(f"metrics_{tag}.json")
     if metrics is None and isinstance(summary.get(f"{tag}_metrics"), dict):
-        metrics = summary[f"{tag}_metrics"]  # train.py copies the final evaluation here
+        metrics = summary[f"{tag}_metrics"]  # training copies the final evaluation here
     analysis = run.json(f"analysis_{tag}.json")
     auroc_macro = _dict(_dict(analysis).get("auroc")).get("macro")
     per_class = _per_class_rows(analysis, run.csv(f"classification_report_{tag}.csv"))
@@ -456,279 +456,14 @@ def _general(value: Any) -> str:
     return f"{number:.2e}" if abs(number) < 1e-3 else f"{number:.4g}"
 
 
-_TEMPLATE = r"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="imgcls">
-<link rel="icon" href="data:,">
-<title>{{ title }}</title>
-<style>
-  :root { --rule: #d6d9de; --muted: #5f6670; --accent: #1f5fa8; --note: #fff6e0; --note-rule: #e6c56b; }
-  * { box-sizing: border-box; }
-  body { margin: 0; background: #fff; color: #1b1e23;
-         font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-  main { max-width: 1100px; margin: 0 auto; padding: 24px 28px 64px; }
-  h1 { font-size: 1.7rem; margin: 0 0 4px; }
-  h2 { font-size: 1.3rem; margin: 40px 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--rule); }
-  h3 { font-size: 1.05rem; margin: 22px 0 6px; }
-  p { margin: 6px 0 10px; }
-  a { color: var(--accent); }
-  code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: 0.88em; }
-  pre { background: #f6f7f9; border: 1px solid var(--rule); padding: 10px 12px; overflow-x: auto; white-space: pre-wrap; }
-  .subtitle, .muted, figcaption { color: var(--muted); }
-  nav.toc { border: 1px solid var(--rule); padding: 8px 14px; margin: 16px 0 8px; }
-  nav.toc ol { margin: 4px 0; padding-left: 22px; columns: 3; }
-  table { border-collapse: collapse; margin: 8px 0 14px; font-variant-numeric: tabular-nums; }
-  th, td { padding: 4px 10px; border-bottom: 1px solid var(--rule); text-align: right; vertical-align: top; }
-  th { border-bottom: 1.5px solid #8a9099; font-weight: 600; }
-  th.text, td.text { text-align: left; }
-  tr.total td { border-top: 1.5px solid #8a9099; font-weight: 600; }
-  table.keyvalue td:first-child { text-align: left; color: var(--muted); }
-  table.keyvalue td { text-align: left; }
-  .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 10px 0; }
-  .card { border: 1px solid var(--rule); padding: 8px 14px; min-width: 128px; }
-  .card .value { font-size: 1.35rem; font-weight: 600; }
-  .card .label { color: var(--muted); font-size: 0.85rem; }
-  .missing { background: var(--note); border-left: 4px solid var(--note-rule); padding: 8px 12px; }
-  figure { margin: 12px 0 20px; break-inside: avoid; page-break-inside: avoid; }
-  figure img { max-width: 100%; height: auto; border: 1px solid var(--rule); }
-  details { margin: 6px 0 14px; }
-  summary { cursor: pointer; color: var(--accent); }
-  ul.highlights li { margin: 2px 0; }
-  @media print {
-    main { max-width: none; padding: 0; }
-    nav.toc, details { display: none; }
-    h2 { break-after: avoid; page-break-after: avoid; }
-    a { color: inherit; text-decoration: none; }
-  }
-</style>
-</head>
-<body>
-<main>
-{%- macro missing(what, fix=None) -%}
-<p class="missing">Not available: {{ what }}.{% if fix %} Run <code>{{ fix }}</code> to write it.{% endif %}</p>
-{%- endmacro %}
-{%- macro figure(image, alt, caption, fix) -%}
-{% if image %}<figure><img src="{{ image }}" alt="{{ alt }}"><figcaption>{{ caption }}</figcaption></figure>
-{% else %}{{ missing(alt ~ " (no image in the run folder)", fix) }}{% endif %}
-{%- endmacro %}
-{%- macro mistakes_table(rows) -%}
-<table><tr><th class="text">file</th><th class="text">true</th><th class="text">predicted</th><th>confidence</th><th>p(true)</th><th>loss</th></tr>
-{% for row in rows %}<tr><td class="text" title="{{ row.path }}"><code>{{ row.name }}</code></td><td class="text">{{ row.true }}</td><td class="text">{{ row.predicted }}</td><td>{{ row.confidence | fixed(3) }}</td><td>{{ row.true_probability | fixed(3) }}</td><td>{{ row.loss | fixed(3) }}</td></tr>
-{% endfor %}</table>
-{%- endmacro %}
-
-<h1>{{ title }}</h1>
-<p class="subtitle">Run folder <code>{{ run_dir }}</code>; evaluated split <strong>{{ tag }}</strong>.</p>
-
-<nav class="toc"><strong>Contents</strong>
-<ol>
-  <li><a href="#summary">Summary</a></li>
-  <li><a href="#data">Data</a></li>
-  <li><a href="#curves">Training curves</a></li>
-  <li><a href="#per-class">Per-class results</a></li>
-  <li><a href="#confusion">Confusion matrix</a></li>
-  <li><a href="#most-confused">Most-confused pairs</a></li>
-  <li><a href="#errors">Errors</a></li>
-  <li><a href="#calibration">Calibration</a></li>
-  <li><a href="#explanations">Explanations</a></li>
-  <li><a href="#config">Config</a></li>
-  <li><a href="#environment">Environment</a></li>
-</ol>
-</nav>
-{% if problems %}<p class="missing">Some files could not be read: {{ problems | join("; ") }}.</p>{% endif %}
-
-<section id="summary">
-<h2>Summary</h2>
-<table class="keyvalue">
-  <tr><td>run</td><td>{{ run_name }}</td></tr>
-  <tr><td>model</td><td>{{ summary.model or "—" }}</td></tr>
-  <tr><td>dataset</td><td>{{ summary.dataset or "—" }}{% if summary.num_classes %} ({{ summary.num_classes }} classes){% endif %}</td></tr>
-  <tr><td>status</td><td>{{ summary.status or "—" }}{% if summary.error %}: {{ summary.error }}{% endif %}</td></tr>
-  <tr><td>trained</td><td>{{ summary.started or "—" }} to {{ summary.ended or "—" }}{% if summary.train_minutes is not none %} ({{ summary.train_minutes | fixed(1) }} min){% endif %}</td></tr>
-  <tr><td>best epoch</td><td>{{ summary.best_epoch if summary.best_epoch is not none else "—" }}{% for key, value in summary.best %} ({{ key }} {{ value | fixed }}){% endfor %}</td></tr>
-</table>
-{% if metrics %}
-<div class="cards">
-  <div class="card"><div class="value">{{ metrics.acc1 | percent(2) }}</div><div class="label">top-1 accuracy</div></div>
-  <div class="card"><div class="value">{{ metrics.acc5 | percent(2) }}</div><div class="label">top-5 accuracy</div></div>
-  <div class="card"><div class="value">{{ metrics.balanced_acc | percent(2) }}</div><div class="label">balanced accuracy</div></div>
-  <div class="card"><div class="value">{{ metrics.macro_f1 | fixed(3) }}</div><div class="label">macro-F1</div></div>
-  <div class="card"><div class="value">{{ metrics.auroc_macro | fixed(3) }}</div><div class="label">AUROC (macro, one-vs-rest)</div></div>
-  <div class="card"><div class="value">{{ metrics.loss | fixed(3) }}</div><div class="label">loss (cross-entropy)</div></div>
-  {% if calibration and calibration.temperature not in (none, 1.0) %}
-  <div class="card"><div class="value">{{ calibration.ece_before | fixed(3) }} → {{ calibration.ece_after | fixed(3) }}</div><div class="label">ECE before → after temperature scaling</div></div>
-  {% else %}
-  <div class="card"><div class="value">{{ (calibration.ece_before if calibration else none) | fixed(3) }}</div><div class="label">ECE (no temperature fitted)</div></div>
-  {% endif %}
-</div>
-<p class="muted">On {{ metrics.n | count }} {{ tag }} images.</p>
-{% if metrics.tta %}
-<table id="tta">
-  <tr><th></th><th>top-1</th><th>top-5</th><th>balanced accuracy</th><th>macro-F1</th><th>loss</th></tr>
-  <tr><td>without TTA</td><td>{{ metrics.acc1 | percent(2) }}</td><td>{{ metrics.acc5 | percent(2) }}</td><td>{{ metrics.balanced_acc | percent(2) }}</td><td>{{ metrics.macro_f1 | fixed(3) }}</td><td>{{ metrics.loss | fixed(3) }}</td></tr>
-  <tr><td>with TTA ({{ metrics.tta.mode }}, {{ metrics.tta.views }} views{% if not metrics.tta.flip %}, no mirror image{% endif %})</td><td>{{ metrics.tta.acc1 | percent(2) }}</td><td>{{ metrics.tta.acc5 | percent(2) }}</td><td>{{ metrics.tta.balanced_acc | percent(2) }}</td><td>{{ metrics.tta.macro_f1 | fixed(3) }}</td><td>{{ metrics.tta.loss | fixed(3) }}</td></tr>
-</table>
-<p class="muted">Test-time augmentation averages the probabilities of each image's views (`imgcls eval RUN --tta`).</p>
-{% endif %}
-{% else %}{{ missing("metrics of the " ~ tag ~ " split (metrics_" ~ tag ~ ".json)", hint) }}{% endif %}
-{% if highlights %}<h3>At a glance</h3>
-<ul class="highlights">{% for line in highlights %}<li>{{ line }}</li>{% endfor %}</ul>{% endif %}
-</section>
-
-<section id="data">
-<h2>Data</h2>
-{% if data.missing %}{{ missing(data.missing) }}{% else %}
-<p>Images per class and split, as training used them (<code>splits.csv</code>).</p>
-<table>
-  <tr><th class="text">class</th>{% for split in data.splits %}<th>{{ split }}</th>{% endfor %}</tr>
-  {% for name, values in data.rows %}<tr><td class="text">{{ name }}</td>{% for value in values %}<td>{{ value | count }}</td>{% endfor %}</tr>
-  {% endfor %}<tr class="total"><td class="text">total</td>{% for value in data.totals %}<td>{{ value | count }}</td>{% endfor %}</tr>
-</table>
-{% if data.imbalance is defined %}<p class="muted">Largest over smallest class in {{ data.imbalance_split }}: {{ data.imbalance | fixed(1) }}×.</p>{% endif %}
-{% endif %}
-<p>Unreadable images skipped: <strong>{{ data.bad_images | length }}</strong>{% if not data.bad_images %} (no <code>bad_images.txt</code>){% endif %}.</p>
-{% if data.bad_images %}<details><summary>list the unreadable files</summary>
-<table><tr><th class="text">file</th><th class="text">reason</th></tr>
-{% for file, reason in data.bad_images[:200] %}<tr><td class="text"><code>{{ file }}</code></td><td class="text">{{ reason }}</td></tr>{% endfor %}
-</table></details>{% endif %}
-</section>
-
-<section id="curves">
-<h2>Training curves</h2>
-<p>Best epoch: <strong>{{ curves.best_epoch if curves.best_epoch is not none else "—" }}</strong> (the weights evaluated here).
-{% if curves.overfit_epoch is not none %}Overfitting: validation loss rises after epoch <strong>{{ curves.overfit_epoch }}</strong> and stays up.
-{% elif curves.overfit_known %}Overfitting point: none, validation loss is still at or near its minimum at the last epoch.
-{% else %}Overfitting point: not available (the error analysis was not run).{% endif %}</p>
-{{ figure(curves.image, "training curves", "Loss and accuracy per epoch, train against validation; the dashed line marks the best epoch.", hint) }}
-{% if curves.rows %}<details><summary>metrics per epoch ({{ curves.rows | length }} rows of metrics.csv)</summary>
-<table><tr>{% for name in curves.columns %}<th>{{ name }}</th>{% endfor %}</tr>
-{% for row in curves.rows %}<tr>{% for value in row %}<td>{{ value | general }}</td>{% endfor %}</tr>{% endfor %}
-</table></details>{% elif curves.missing_metrics %}{{ missing("metrics.csv (one row per epoch, written during training)") }}{% endif %}
-</section>
-
-<section id="per-class">
-<h2>Per-class results</h2>
-{% if per_class %}
-<p>Sorted by F1, worst first. AUROC is one-vs-rest from the softmax probabilities; "—" where a class has no positives or no negatives in the split.</p>
-<table>
-  <tr><th class="text">class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>AUROC</th></tr>
-  {% for row in per_class %}<tr><td class="text">{{ row["class"] }}</td><td>{{ row.precision | fixed(3) }}</td><td>{{ row.recall | fixed(3) }}</td><td>{{ row.f1 | fixed(3) }}</td><td>{{ row.support | count }}</td><td>{{ row.auroc | fixed(3) }}</td></tr>
-  {% endfor %}
-</table>
-{% else %}{{ missing("the per-class report (classification_report_" ~ tag ~ ".csv)", hint) }}{% endif %}
-</section>
-
-<section id="confusion">
-<h2>Confusion matrix</h2>
-{% if confusion or confusion_normalized %}
-<div>
-{{ figure(confusion_normalized, "confusion matrix (row-normalised)", "Each row divided by the number of images of that true class: the diagonal is the recall.", hint) }}
-{{ figure(confusion, "confusion matrix (counts)", "Rows: true class; columns: predicted class; counts of images.", hint) }}
-</div>
-{% else %}{{ missing("the confusion matrix (confusion_" ~ tag ~ ".png)", hint) }}{% endif %}
-</section>
-
-<section id="most-confused">
-<h2>Most-confused pairs</h2>
-{% if pairs %}
-<p>Class pairs the model mixes up most, both directions in one row. A rate is the share of the true class's images that went to the other class.</p>
-<table>
-  <tr><th>#</th><th class="text">class A</th><th class="text">class B</th><th>A predicted as B</th><th>rate</th><th>B predicted as A</th><th>rate</th><th>total</th></tr>
-  {% for row in pairs %}<tr><td>{{ loop.index }}</td><td class="text">{{ row.class_a }}</td><td class="text">{{ row.class_b }}</td><td>{{ row.a_as_b | count }}</td><td>{{ row.a_as_b_rate | percent }}</td><td>{{ row.b_as_a | count }}</td><td>{{ row.b_as_a_rate | percent }}</td><td>{{ row.total | count }}</td></tr>
-  {% endfor %}
-</table>
-{% elif pairs is not none %}<p>No pair of classes was confused on this split: every image was classified correctly.</p>
-{% else %}{{ missing("the error analysis (analysis_" ~ tag ~ ".json)", hint) }}{% endif %}
-</section>
-
-<section id="errors">
-<h2>Errors</h2>
-{% if errors %}
-<table class="keyvalue">
-  <tr><td>errors</td><td>{{ errors.errors | count }} of {{ errors.n | count }} images ({{ errors.error_rate | percent(2) }})</td></tr>
-  {% if errors.errors %}<tr><td>true class still in the top-{{ (errors.top_k or 5) | int }}</td><td>{{ errors.errors_true_in_top5 | count }} errors ({{ errors.errors_true_in_top5_share | percent }} of the errors): near misses</td></tr>
-  <tr><td>confident errors</td><td>{{ errors.confident_errors | count }} errors ({{ errors.confident_errors_share | percent }} of the errors) made with confidence ≥ {{ confident }}</td></tr>{% endif %}
-</table>
-{% else %}{{ missing("the error summary (analysis_" ~ tag ~ ".json)", hint) }}{% endif %}
-<h3>Highest-loss mistakes</h3>
-<p class="muted">Wrong predictions where the true class got the least probability: often mislabelled or ambiguous images.</p>
-{{ figure(gallery_loss, "highest-loss mistakes", "Each image: true → predicted class, the confidence of the wrong prediction, the file name.", hint) }}
-{% if highest_loss %}<details><summary>the files ({{ highest_loss | length }})</summary>{{ mistakes_table(highest_loss) }}</details>{% endif %}
-<h3>Most confident mistakes</h3>
-<p class="muted">Wrong predictions made with the highest confidence: the errors a confidence threshold cannot catch.</p>
-{{ figure(gallery_confident, "most confident mistakes", "Each image: true → predicted class, the confidence of the wrong prediction, the file name.", hint) }}
-{% if most_confident %}<details><summary>the files ({{ most_confident | length }})</summary>{{ mistakes_table(most_confident) }}</details>{% endif %}
-</section>
-
-<section id="calibration">
-<h2>Calibration</h2>
-<p>A calibrated model is right 80% of the time when it says 80%. Temperature scaling divides the logits by one number T, fitted on the validation split; it never changes the predicted class, only the confidences.</p>
-{{ figure(reliability, "reliability diagram", "Accuracy against confidence in equal-width bins, before and after temperature scaling; the diagonal is perfect calibration. Below: how many images fall in each bin.", hint) }}
-{% if calibration %}
-<table>
-  <tr><th class="text">on {{ tag }}</th><th>T</th><th>NLL</th><th>ECE ({{ calibration.bins }} bins)</th></tr>
-  <tr><td class="text">before (softmax of the logits)</td><td>1</td><td>{{ calibration.nll_before | fixed(4) }}</td><td>{{ calibration.ece_before | fixed(4) }}</td></tr>
-  <tr><td class="text">after temperature scaling</td><td>{{ calibration.temperature | fixed(3) }}</td><td>{{ calibration.nll_after | fixed(4) }}</td><td>{{ calibration.ece_after | fixed(4) }}</td></tr>
-</table>
-{% if calibration.fitted_on %}<p class="muted">Temperature fitted on: {{ calibration.fitted_on }}.</p>{% endif %}
-{% if calibration.temperature is not none %}<p class="muted">{% if calibration.temperature > 1 %}T &gt; 1: the model was overconfident, scaling softens its probabilities.{% elif calibration.temperature < 1 %}T &lt; 1: the model was underconfident, scaling sharpens its probabilities.{% else %}T = 1: the probabilities are left as they are, so "after" equals "before".{% endif %}</p>{% endif %}
-<h3>Rejection threshold (<code>imgcls predict RUN --reject auto</code>)</h3>
-{% set reject = calibration.reject %}
-{% if reject and reject.threshold is not none %}
-<table class="keyvalue">
-  <tr><td>threshold (calibrated confidence)</td><td>{{ reject.threshold | fixed(4) }}</td></tr>
-  <tr><td>coverage (images answered)</td><td>{{ reject.coverage | percent }}</td></tr>
-  <tr><td>precision of the answered images</td><td>{{ reject.precision | percent }} (target {{ reject.target_precision | percent(0) }})</td></tr>
-</table>
-<p>With <code>--reject auto</code>, <code>predict</code> answers "unknown" when the calibrated confidence is below {{ reject.threshold | fixed(3) }}. On the validation split that keeps {{ reject.coverage | percent }} of the images, and {{ reject.precision | percent }} of the kept ones are right.</p>
-{% elif reject %}<p class="missing">No threshold reaches the target precision{% if reject.target_precision is not none %} of {{ reject.target_precision | percent(0) }}{% endif %}{% if reject.reason %}: {{ reject.reason }}{% endif %}. <code>--reject auto</code> is unavailable for this model; give a confidence instead, e.g. <code>--reject 0.8</code>.</p>
-{% else %}{{ missing("the rejection threshold (stored in the model artifact by training, and in analysis_" ~ tag ~ ".json)", hint) }}{% endif %}
-{% else %}{{ missing("the calibration results (analysis_" ~ tag ~ ".json)", hint) }}{% endif %}
-</section>
-
-<section id="explanations">
-<h2>Explanations</h2>
-<h3>Grad-CAM</h3>
-<p class="muted">Where in the image the evidence for the predicted class lies (warm colours), for correct (green captions) and wrong (red) predictions.</p>
-{{ figure(gradcam, "Grad-CAM of correct and wrong predictions", "Each image beside its Grad-CAM overlay for the predicted class.", hint) }}
-<h3>Activation maps</h3>
-<p class="muted">The most active channels of one layer for a few images: what the network responds to at that depth.</p>
-{{ figure(activations, "activation maps", "Each row: an image, then its most active channels (each on its own colour scale).", hint) }}
-<h3>Feature space (t-SNE)</h3>
-<p class="muted">The penultimate-layer features of the {{ tag }} images in two dimensions, coloured by true class. Classes that overlap here are the ones the model finds hard to separate; distances between clusters mean little.</p>
-{{ figure(projection, "t-SNE of the penultimate features", "t-SNE of the features the classifier head receives.", hint) }}
-</section>
-
-<section id="config">
-<h2>Config</h2>
-{% if config_text %}<p>The resolved config, re-runnable with <code>imgcls train -c {{ run_dir }}/config.yaml</code>.</p>
-<pre>{{ config_text }}</pre>
-{% else %}{{ missing("config.yaml (written when training starts)") }}{% endif %}
-</section>
-
-<section id="environment">
-<h2>Environment</h2>
-{% if environment %}
-<table class="keyvalue">{% for key, value in environment %}<tr><td>{{ key }}</td><td>{{ value }}</td></tr>{% endfor %}</table>
-{% else %}{{ missing("env.json (written when training starts)") }}{% endif %}
-</section>
-
-<p class="muted">Written by imgcls from the files of <code>{{ run_dir }}</code>.</p>
-</main>
-</body>
-</html>
-"""
-
 def _render(context: dict[str, Any]) -> str:
     import jinja2
 
-    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
-                                     trim_blocks=False, lstrip_blocks=False)
+    # templates/report.html.j2, shipped as package data
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("imgcls", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False)
     environment.filters.update(percent=_percent, fixed=_fixed, count=_count, general=_general)
-    return environment.from_string(_TEMPLATE).render(**context)
+    return environment.get_template("report.html.j2").render(**context)
 
 
 def write_report(run_dir: str | Path, split: str | None = None, path: str | Path | None = None) -> Path:

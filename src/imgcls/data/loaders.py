@@ -1,5 +1,7 @@
-"""From lists of files to batches: decoding (once, into an in-memory cache, when it fits), bad-image
-handling, train-time augmentation on uint8 tensors, and the DataLoaders.
+"""From lists of files to batches: decoding (in worker processes, into the decoded-image cache on disk
+of data/cache.py when it fits, else from the files each epoch), bad-image checks, the datasets, the
+class-balanced sampler and the DataLoaders. Augmentation runs on whole batches on the device
+(data/augment.py), not here.
 
 Batches are uint8 NCHW tensors: normalisation happens inside the model (see models.ImageClassifier),
 so a quarter of the bytes cross from worker processes and to the GPU.
