@@ -12,7 +12,8 @@ import imgcls
 from imgcls.cli import main
 from imgcls.config import load_config
 from imgcls.errors import ImgclsError
-from imgcls.sweeps import load_search_space, parse_grid, plan_sweep, worker_slots
+from imgcls.runner import worker_slots
+from imgcls.sweeps import load_search_space, parse_grid, plan_sweep
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "data.augment=none",
         "train.calibrate=false", "tracking.tensorboard=false"]
