@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import imgcls
-from imgcls.config import load_config
+from imgcls.config import LossConfig, load_config
 from imgcls.data import balanced_sampler, subsample_train
 from imgcls.data.sources import DataSource
 from imgcls.losses import FocalLoss, balanced_class_weights, build_loss
@@ -62,9 +62,9 @@ def test_focal_loss_takes_soft_targets():
 
 
 def test_build_loss_uses_class_weights_only_when_asked():
-    assert build_loss("ce", [1, 3]).weight is None
-    assert build_loss("ce", [1, 3], class_weights="auto").weight.tolist() == pytest.approx([2.0, 2 / 3])
-    assert isinstance(build_loss("focal", [1, 3], class_weights="auto"), FocalLoss)
+    assert build_loss(LossConfig(name="ce"), [1, 3]).weight is None
+    assert build_loss(LossConfig(name="ce", class_weights="auto"), [1, 3]).weight.tolist() == pytest.approx([2.0, 2 / 3])
+    assert isinstance(build_loss(LossConfig(name="focal", class_weights="auto"), [1, 3]), FocalLoss)
 
 
 def test_class_weights_and_focal_change_training(shapes_folder, tmp_path):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgcls.config import LossConfig
+
 __all__ = ["FocalLoss", "balanced_class_weights", "build_loss"]
 
 
@@ -49,12 +51,17 @@ class FocalLoss(nn.Module):
         return per_class.sum() / normaliser.clamp_min(1e-12)
 
 
-def build_loss(name: str, counts: Sequence[int], class_weights: str = "none", label_smoothing: float = 0.0,
-               focal_gamma: float = 2.0) -> nn.Module:
-    """The training loss. counts: training images per class (for class_weights="auto")."""
-    weight = balanced_class_weights(counts) if class_weights == "auto" else None
-    if name == "ce":
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-    if name == "focal":
-        return FocalLoss(focal_gamma, weight, label_smoothing)
-    raise ValueError(f"unknown loss {name!r}; use ce or focal")
+def build_loss(loss_config: LossConfig, counts: Sequence[int]) -> nn.Module:
+    """The training loss that `loss_config` (the config's `loss` section) names.
+
+    Args:
+        counts: training images per class (for class_weights="auto").
+    Raises:
+        ValueError: an unknown loss name.
+    """
+    weight = balanced_class_weights(counts) if loss_config.class_weights == "auto" else None
+    if loss_config.name == "ce":
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=loss_config.label_smoothing)
+    if loss_config.name == "focal":
+        return FocalLoss(loss_config.focal_gamma, weight, loss_config.label_smoothing)
+    raise ValueError(f"unknown loss {loss_config.name!r}; use ce or focal")

@@ -20,14 +20,11 @@ import numpy as np
 import torch
 
 from imgcls.config import Config, save_config
-from imgcls.data import build_augment, build_datasets, default_workers, make_loader
-from imgcls.data.augment import build_mixing
 from imgcls.errors import ImgclsError
-from imgcls.losses import build_loss
 from imgcls.models import set_backbone_trainable
 from imgcls.runtime import Runtime, seed_everything
 from imgcls.tracking import create_run_dir, setup_logging
-from imgcls.training import resolve_data, build_model, build_optimizer, train_one_epoch
+from imgcls.training import prepare, resolve_data, train_one_epoch
 
 __all__ = ["find_learning_rate", "smooth", "suggest_valley", "suggest_steepest"]
 
@@ -114,28 +111,17 @@ def find_learning_rate(config: Config, start_lr: float = 1e-7, end_lr: float = 1
     setup_logging(folder)
     save_config(config, folder / "config.yaml")
     seed_everything(config.seed)
-    # all splits, so that the decoded-image cache is the one training with this config uses
-    prepared = build_datasets(source.splits, source.class_names, config.data.image_size, config.data.resize,
-                              config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
-    train_set = prepared.datasets["train"]
-    generator = torch.Generator().manual_seed(config.seed)
-    workers = config.data.workers if config.data.workers is not None else default_workers(prepared.cached)
-    loader = make_loader(train_set, config.train.batch_size, workers, True, generator,
-                         runtime.device.type == "cuda")
-    model, _ = build_model(config, len(source.class_names), train_set)
-    model = runtime.prepare_model(model)
+    setup = prepare(config, source, runtime)  # as `imgcls train` sets up, so the curve is training's
+    setup.generator.manual_seed(config.seed)
+    model, optimizer = setup.model, setup.optimizer
     if config.model.freeze_epochs:
         set_backbone_trainable(model, False)
         log.info("backbone frozen, as in the first model.freeze_epochs epochs: the suggestion is for the head")
-    optimizer = build_optimizer(model, config)
     # multiply every group's rate, so the backbone keeps its optim.backbone_lr_ratio share
     growth = (end_lr / start_lr) ** (1 / (steps - 1))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: start_lr * growth ** min(step, steps - 1) / config.optim.lr
     )
-    counts = torch.bincount(train_set.labels, minlength=len(source.class_names)).tolist()
-    loss_function = build_loss(config.loss.name, counts, config.loss.class_weights, config.loss.label_smoothing,
-                               config.loss.focal_gamma).to(runtime.device)
     learning_rates: list[float] = []
     losses: list[float] = []
 
@@ -147,9 +133,9 @@ def find_learning_rate(config: Config, start_lr: float = 1e-7, end_lr: float = 1
             raise _Diverged
 
     try:
-        train_one_epoch(model, _Batches(loader, steps * config.train.accumulate), optimizer, loss_function, runtime,
-                        runtime.grad_scaler(), augment=build_augment(config.data, config.data.image_size),
-                        mixing=build_mixing(config.data, len(source.class_names)), step_scheduler=scheduler,
+        train_one_epoch(model, _Batches(setup.train_loader, steps * config.train.accumulate), optimizer,
+                        setup.loss_function, runtime, runtime.grad_scaler(), augment=setup.augment,
+                        mixing=setup.mixing, step_scheduler=scheduler,
                         grad_clip=config.train.grad_clip, accumulate=config.train.accumulate, after_step=record,
                         description="lr-find", log_every=config.train.log_every,
                         stop_on_nonfinite=False)  # a diverging loss is the end of the test, found by `record`

@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from imgcls.checkpoint import CheckpointSet, DiskFullError, atomic_write, load_artifact, load_checkpoint, save_artifact
 from imgcls.config import Config, config_to_dict, load_config, save_config
 from imgcls.data import (
-    DataSource, assign_splits, balanced_sampler, build_augment, build_datasets, channel_statistics, default_workers,
+    DataSource, PreparedSplits, assign_splits, balanced_sampler, build_augment, build_datasets, channel_statistics, default_workers,
     make_loader, median_side, read_splits_csv, resolve_source, subsample_train, write_splits_csv,
 )
 from imgcls.data.augment import build_mixing
@@ -37,7 +37,8 @@ from imgcls.tracking import (
     read_metrics, read_summary, setup_logging, truncate_metrics, update_summary,
 )
 
-__all__ = ["train", "train_one_epoch", "cosine_with_warmup", "cache_dataset", "build_model", "RunStopped"]
+__all__ = ["train", "train_one_epoch", "prepare", "TrainingSetup", "TrainingState", "validate", "cosine_with_warmup",
+           "cache_dataset", "build_model", "RunStopped"]
 
 log = logging.getLogger("imgcls")
 
@@ -553,91 +554,171 @@ def _ended_training(run_dir: Path, checkpoint: dict, monitor: str) -> dict[str, 
             "train_minutes": sum(float(row["epoch_seconds"]) for row in rows) / 60}
 
 
+@dataclass
+class TrainingSetup:
+    """What training and the learning-rate range test both start from (see `prepare`)."""
+
+    prepared: PreparedSplits
+    train_loader: DataLoader
+    generator: torch.Generator  # the train loader's shuffling: reseed it to fix an epoch's order
+    sampler: Sampler | None
+    workers: int
+    model: nn.Module  # on the runtime's device, in its memory layout
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]]
+    optimizer: torch.optim.Optimizer
+    loss_function: nn.Module
+    augment: nn.Module | None
+    mixing: Callable | None
+
+
+def prepare(config: Config, source: DataSource, runtime: Runtime) -> TrainingSetup:
+    """Data (decoded once, checked), the train loader and its sampler, augmentation and mixing, the
+    model, the optimiser and the loss, as `config` asks: one set-up for `train` and `lr-find`."""
+    distributed = runtime.distributed
+    if not distributed.is_main:
+        distributed.barrier()  # rank 0 decodes into the cache first; the others then open it
+    prepared = build_datasets(source.splits, source.class_names, config.data.image_size, config.data.resize,
+                              config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
+    if distributed.is_main:
+        distributed.barrier()
+    train_set = prepared.datasets["train"]
+    mixing = build_mixing(config.data, len(source.class_names))  # mixup / cutmix: soft targets, or None
+    augment = build_augment(config.data, config.data.image_size)
+    workers = config.data.workers if config.data.workers is not None else default_workers(prepared.cached)
+    generator = torch.Generator()
+    sampler = None
+    if config.data.sampler == "balanced":  # every class about equally often, from the loader's generator
+        if distributed.enabled:
+            raise ImgclsError("data.sampler=balanced does not work with torchrun yet; use loss.class_weights=auto")
+        sampler = balanced_sampler(train_set.labels, generator)
+    elif distributed.enabled:  # each rank a disjoint shard of the same seeded permutation
+        sampler = DistributedSampler(train_set, distributed.world_size, distributed.rank, shuffle=True,
+                                     seed=config.seed, drop_last=True)
+    train_loader = make_loader(train_set, config.train.batch_size, workers, True, generator,
+                               runtime.device.type == "cuda", sampler)
+    model, normalisation = build_model(config, len(source.class_names), train_set)
+    model = runtime.prepare_model(model)
+    optimizer = build_optimizer(model, config)
+    counts = torch.bincount(train_set.labels, minlength=len(source.class_names)).tolist()
+    loss_function = build_loss(config.loss, counts).to(runtime.device)
+    return TrainingSetup(prepared, train_loader, generator, sampler, workers, model, normalisation, optimizer,
+                         loss_function, augment, mixing)
+
+
+@dataclass
+class TrainingState:
+    """Everything a run needs to continue as if never stopped: the weights, the optimiser, schedule and
+    loss scaler, the EMA of the weights, and the early-stopping bookkeeping. `state_dict` and
+    `load_state_dict` are the one pair that saves and restores it (the checkpoint adds the RNG states,
+    config and class names)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: Any = None  # timm's ModelEmaV3 with train.ema, else None
+    ema_steps: int = 0
+    epoch: int = 0  # the last finished epoch
+    best: float | None = None
+    best_epoch: int = 0
+    stale_epochs: int = 0  # epochs since the best one
+
+    def update_ema(self, _: torch.Tensor) -> None:
+        """After each optimiser step (train_one_epoch's `after_step`)."""
+        self.ema_steps += 1
+        self.ema.update(self.model, step=self.ema_steps)
+
+    def record(self, epoch: int, value: float, monitor: str) -> bool:
+        """Note epoch `epoch`'s monitored value; True when it is the best so far."""
+        self.epoch = epoch
+        if is_improvement(value, self.best, monitor):
+            self.best, self.best_epoch, self.stale_epochs = value, epoch, 0
+            return True
+        self.stale_epochs += 1
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+            "best": self.best, "best_epoch": self.best_epoch, "stale_epochs": self.stale_epochs,
+            "ema": self.ema.state_dict() if self.ema is not None else None, "ema_steps": self.ema_steps,
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None and checkpoint.get("ema") is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+            self.ema_steps = checkpoint["ema_steps"]
+        self.epoch = checkpoint["epoch"]
+        self.best, self.best_epoch = checkpoint["best"], checkpoint["best_epoch"]
+        self.stale_epochs = checkpoint["stale_epochs"]
+
+
+def validate(state: TrainingState, loader: DataLoader, runtime: Runtime, monitor: str) -> tuple[dict, float, nn.Module]:
+    """val_* metrics of the raw weights and, with an EMA, val_ema_* of the averaged ones.
+
+    Returns:
+        (metrics, the better of the two values of `monitor`, the weights that gave it).
+    """
+    val = compute_metrics(*predict_loader(state.model, loader, runtime))
+    val = {f"val_{key}": value for key, value in val.items() if key != "n"}
+    candidate, weights = val[monitor], state.model
+    if state.ema is not None:
+        val_ema = compute_metrics(*predict_loader(state.ema.module, loader, runtime))
+        val.update({f"val_ema_{key}": value for key, value in val_ema.items() if key != "n"})
+        if is_improvement(val_ema[monitor.removeprefix("val_")], candidate, monitor):
+            candidate, weights = val_ema[monitor.removeprefix("val_")], state.ema.module
+    return val, candidate, weights
+
+
 def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None,
          loggers: ExperimentLoggers | None, on_epoch: Callable[[int, dict[str, float]], None] | None) -> dict:
     distributed = runtime.distributed
     is_main = distributed.is_main
-    # ---- data: decode (once), check, and build the loaders
+    # ---- data, model, optimiser, loss: the set-up lr-find shares
     class_names = source.class_names
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {source.name}, {len(class_names)} classes")
     _log_data_summary(source, class_names)
-    if not is_main:
-        distributed.barrier()  # rank 0 decodes into the cache first; the others then open it
-    prepared = build_datasets(source.splits, class_names, config.data.image_size, config.data.resize,
-                              config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
-    if is_main:
-        distributed.barrier()
+    setup = prepare(config, source, runtime)
+    prepared, model = setup.prepared, setup.model
     if prepared.bad_images and is_main:
         (run_dir / "bad_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in prepared.bad_images.items()))
-    mixing = build_mixing(config.data, len(class_names))  # mixup / cutmix: soft targets, or None
-    augment = build_augment(config.data, config.data.image_size)
-    workers = config.data.workers if config.data.workers is not None else default_workers(prepared.cached)
-    pin = runtime.device.type == "cuda"
-    generator = torch.Generator()  # reseeded every epoch: the order depends only on (seed, epoch)
-    sampler = None
-    if config.data.sampler == "balanced":  # every class about equally often, from the reseeded generator
-        if distributed.enabled:
-            raise ImgclsError("data.sampler=balanced does not work with torchrun yet; use loss.class_weights=auto")
-        sampler = balanced_sampler(prepared.datasets["train"].labels, generator)
-    elif distributed.enabled:  # each rank a disjoint shard of the same seeded permutation
-        sampler = DistributedSampler(prepared.datasets["train"], distributed.world_size, distributed.rank,
-                                     shuffle=True, seed=config.seed, drop_last=True)
-    train_loader = make_loader(prepared.datasets["train"], config.train.batch_size, workers, True, generator, pin, sampler)
     # every rank validates on all of val: identical metrics, so early stopping agrees without messages
-    val_loader = make_loader(prepared.datasets["val"], config.train.batch_size * 2, 0 if prepared.cached else workers,
-                             False, pin_memory=pin)
-
-    # ---- model
-    model, normalisation = build_model(config, len(class_names), prepared.datasets["train"])
-    model = runtime.prepare_model(model)
+    val_loader = make_loader(prepared.datasets["val"], config.train.batch_size * 2,
+                             0 if prepared.cached else setup.workers, False, pin_memory=runtime.device.type == "cuda")
     parameters = sum(p.numel() for p in model.parameters())
     flops_per_image = training_flops_per_image(config.model.name, len(class_names), config.data.image_size)
     log.info(f"model: {config.model.name}, {parameters / 1e6:.2f}M parameters, "
              f"{(flops_per_image or 0) / 1e9:.2f} GFLOP per training image, {config.data.image_size} px input, "
-             f"{runtime.precision} on {runtime.device}, {workers} loader worker(s), "
+             f"{runtime.precision} on {runtime.device}, {setup.workers} loader worker(s), "
              f"{'decoded-image cache' if prepared.cached else 'decoding from files'}"
              + (f", {distributed.world_size} processes" if distributed.enabled else ""))
-
-    # ---- optimisation
-    optimizer = build_optimizer(model, config)
-    scheduler, schedule_every = build_scheduler(optimizer, config, math.ceil(len(train_loader) / config.train.accumulate))
-    scaler = runtime.grad_scaler()
-    counts = torch.bincount(prepared.datasets["train"].labels, minlength=len(class_names)).tolist()
-    loss_function = build_loss(config.loss.name, counts, config.loss.class_weights, config.loss.label_smoothing,
-                               config.loss.focal_gamma).to(runtime.device)
-    monitor = config.train.monitor
-    ema, ema_steps = None, 0
+    scheduler, schedule_every = build_scheduler(setup.optimizer, config,
+                                                math.ceil(len(setup.train_loader) / config.train.accumulate))
+    ema = None
     if config.train.ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.train.ema_decay, use_warmup=True)
-
-    def update_ema(_: torch.Tensor) -> None:
-        nonlocal ema_steps
-        ema_steps += 1
-        ema.update(model, step=ema_steps)
+    state = TrainingState(model, setup.optimizer, scheduler, runtime.grad_scaler(), ema)
+    monitor = config.train.monitor
 
     # ---- resume: every piece of state, so the run continues as if never stopped
     checkpoints = CheckpointSet(run_dir / "checkpoints")
-    start_epoch, best, best_epoch, stale_epochs = 1, None, 0, 0
     if is_main and checkpoint is None:
         truncate_metrics(run_dir / "metrics.csv", 0)  # a run restarted from the beginning after an early kill
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema") is not None:
-            ema.load_state_dict(checkpoint["ema"])
-            ema_steps = checkpoint["ema_steps"]
+        state.load_state_dict(checkpoint)
         rng = checkpoint["rng"]  # one state per rank
         set_rng_state(rng[distributed.rank] if distributed.rank < len(rng) else rng[0])
-        start_epoch = checkpoint["epoch"] + 1
-        best, best_epoch, stale_epochs = checkpoint["best"], checkpoint["best_epoch"], checkpoint["stale_epochs"]
         if is_main:
             truncate_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
-        log.info(f"resumed after epoch {checkpoint['epoch']} (best {monitor} {best:.4f} at epoch {best_epoch})")
+        log.info(f"resumed after epoch {state.epoch} (best {monitor} {state.best:.4f} at epoch {state.best_epoch})")
     if distributed.enabled and config.model.freeze_epochs:
         raise ImgclsError("model.freeze_epochs does not work with torchrun yet (DDP needs a fixed set of trained "
                           "parameters); use optim.backbone_lr_ratio instead")
@@ -645,13 +726,15 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     if distributed.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if pin else None)
+        trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
+                                          else None)
     if config.train.compile:
         trained = torch.compile(trained)  # evaluation and checkpoints keep using the plain `model`
 
     # ---- epochs
     started = time.perf_counter()
     last_epoch_seconds = 0.0
+    start_epoch = state.epoch + 1
     for epoch in range(start_epoch, config.train.epochs + 1):
         elapsed_minutes = (time.perf_counter() - started + last_epoch_seconds) / 60
         if config.train.max_minutes is not None and epoch > start_epoch and elapsed_minutes > config.train.max_minutes:
@@ -659,32 +742,22 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             break
         if config.model.freeze_epochs:
             set_backbone_trainable(model, trainable=epoch > config.model.freeze_epochs)
-        generator.manual_seed(config.seed + epoch)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+        setup.generator.manual_seed(config.seed + epoch)  # the order depends only on (seed, epoch)
+        if isinstance(setup.sampler, DistributedSampler):
+            setup.sampler.set_epoch(epoch)
         stats = train_one_epoch(
-            trained, train_loader, optimizer, loss_function, runtime, scaler, augment=augment, mixing=mixing,
-            step_scheduler=scheduler if schedule_every == "step" else None, grad_clip=config.train.grad_clip,
-            accumulate=config.train.accumulate, after_step=update_ema if ema is not None else None,
+            trained, setup.train_loader, setup.optimizer, setup.loss_function, runtime, state.scaler,
+            augment=setup.augment, mixing=setup.mixing, step_scheduler=scheduler if schedule_every == "step" else None,
+            grad_clip=config.train.grad_clip, accumulate=config.train.accumulate,
+            after_step=state.update_ema if ema is not None else None,
             description=f"epoch {epoch}/{config.train.epochs}", log_every=config.train.log_every,
         )
-        lr = optimizer.param_groups[0]["lr"]
+        lr = setup.optimizer.param_groups[0]["lr"]
         validation_started = time.perf_counter()
-        val = compute_metrics(*predict_loader(model, val_loader, runtime))
-        val = {f"val_{key}": value for key, value in val.items() if key != "n"}
-        candidate, weights = val[monitor], model  # the better of the raw and the averaged weights
-        if ema is not None:
-            val_ema = compute_metrics(*predict_loader(ema.module, val_loader, runtime))
-            val.update({f"val_ema_{key}": value for key, value in val_ema.items() if key != "n"})
-            if is_improvement(val_ema[monitor.removeprefix("val_")], candidate, monitor):
-                candidate, weights = val_ema[monitor.removeprefix("val_")], ema.module
+        val, candidate, weights = validate(state, val_loader, runtime, monitor)
         if schedule_every == "epoch":
             scheduler.step(val[monitor]) if config.optim.scheduler == "plateau" else scheduler.step()
-        improved = is_improvement(candidate, best, monitor)
-        if improved:
-            best, best_epoch, stale_epochs = candidate, epoch, 0
-        else:
-            stale_epochs += 1
+        improved = state.record(epoch, candidate, monitor)
         row = {
             "epoch": epoch, "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"], **val, "lr": lr,
             "epoch_seconds": stats["seconds"] + time.perf_counter() - validation_started,
@@ -698,19 +771,14 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             append_metrics(run_dir / "metrics.csv", row)
             if loggers is not None:
                 loggers.log_epoch(epoch, row)
-            state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
-                "stale_epochs": stale_epochs, "rng": rng, "config": config_to_dict(config),
-                "class_names": class_names, "ema": ema.state_dict() if ema is not None else None,
-                "ema_steps": ema_steps,
-            }
+            saved = {**state.state_dict(), "rng": rng, "config": config_to_dict(config), "class_names": class_names}
             best_files = None  # (which weights, artifact metadata) when this epoch is the best so far
             if improved:
                 metrics = {key: value for key, value in row.items() if key.startswith("val_")}
                 metrics["weights"] = "ema" if weights is not model else "raw"
-                best_files = (metrics["weights"], artifact_metadata(config, class_names, metrics, epoch, env, normalisation))
-            checkpoints.save(state, best=best_files)
+                best_files = (metrics["weights"],
+                              artifact_metadata(config, class_names, metrics, epoch, env, setup.normalisation))
+            checkpoints.save(saved, best=best_files)
         log.info(
             f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc1 {row['val_acc1']:.4f}  val_acc5 {row['val_acc5']:.4f}  lr {lr:.2e}  "
@@ -724,12 +792,13 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         last_epoch_seconds = row["epoch_seconds"]
         if on_epoch is not None and is_main:
             on_epoch(epoch, row)  # may raise RunStopped
-        if config.train.patience is not None and stale_epochs >= config.train.patience:
-            log.info(f"early stop: {monitor} has not improved for {stale_epochs} epochs (best at epoch {best_epoch})")
+        if config.train.patience is not None and state.stale_epochs >= config.train.patience:
+            log.info(f"early stop: {monitor} has not improved for {state.stale_epochs} epochs "
+                     f"(best at epoch {state.best_epoch})")
             break
 
     checksums = distributed.gather(parameters_checksum(model))
-    result = {"best_epoch": best_epoch, "best": {monitor: best}, "last_epoch": row,
+    result = {"best_epoch": state.best_epoch, "best": {monitor: state.best}, "last_epoch": row,
               "train_minutes": (time.perf_counter() - started) / 60}
     if distributed.enabled:
         result.update(world_size=distributed.world_size, ranks_in_sync=len(set(checksums)) == 1)
