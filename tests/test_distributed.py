@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
 
 
@@ -15,6 +17,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model_and_resume(shapes_folder, tmp_path):
     runs = tmp_path / "runs"
     result = torchrun("train", str(shapes_folder), "train.epochs=8", f"run.dir={runs}", "run.name=ddp", *FAST)

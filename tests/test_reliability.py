@@ -111,6 +111,7 @@ def assert_consistent(run: Path) -> None:
     assert summary["best_epoch"] == last["best_epoch"] == metadata["epoch"] == best["epoch"]
 
 
+@pytest.mark.slow
 def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(shapes_folder, tmp_path):
     runs = tmp_path / "runs"
     common = ["train", str(shapes_folder), "train.epochs=3", "train.deterministic=true", f"run.dir={runs}", *TINY]

@@ -144,6 +144,7 @@ def test_auto_model_and_size_follow_the_images(shapes_folder, tmp_path):
     assert (config.model.name, config.data.image_size) == ("small_resnet", 16)
 
 
+@pytest.mark.slow
 def test_digits_real_data_reaches_90_percent(tmp_path):
     """Real data: scikit-learn's handwritten digits, the default recipe, 15 epochs (~30 s)."""
     run = imgcls.train(load_config(overrides=["data.path=digits", "train.epochs=15", f"run.dir={tmp_path}"]))
