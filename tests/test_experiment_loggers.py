@@ -223,6 +223,22 @@ def test_an_exception_ends_the_mlflow_run_as_failed(tmp_path, sqlite_uri):
     assert not (run_dir / "tensorboard").exists()
 
 
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, "KILLED"), ("pruned", "KILLED")])
+def test_an_interrupted_or_pruned_run_ends_as_killed(tmp_path, sqlite_uri, stop, status):
+    """Ctrl-C, and training's RunStopped (a tune trial pruned), end the MLflow run as KILLED, not FAILED."""
+    from mlflow import MlflowClient
+
+    from imgcls.training import RunStopped
+
+    error = RunStopped(stop) if isinstance(stop, str) else stop()
+    run_dir = make_run_dir(tmp_path)
+    config = TrackingConfig(tensorboard=False, mlflow=True, mlflow_uri=sqlite_uri, mlflow_experiment=f"stopped-{status}")
+    with pytest.raises(type(error)):
+        with ExperimentLoggers(config, run_dir, PARAMS, "run") as loggers:
+            raise error
+    assert MlflowClient(sqlite_uri).get_run(loggers.mlflow_run_id).info.status == status
+
+
 def test_resume_continues_the_same_mlflow_run(tmp_path, sqlite_uri):
     from mlflow import MlflowClient
 

@@ -514,9 +514,13 @@ class ExperimentLoggers:
         return self
 
     def __exit__(self, error_type: type | None, *_: Any) -> None:
-        if not self._finished:  # an exception left the block before finish(): record how the run ended
+        """Without a `finish` in the block, end the MLflow run by how the block ended: FINISHED, KILLED
+        for Ctrl-C (or an exception class whose `mlflow_status` says so, as training's RunStopped does),
+        else FAILED."""
+        if not self._finished:
             interrupted = error_type is not None and issubclass(error_type, KeyboardInterrupt)
-            self.finish("FINISHED" if error_type is None else "KILLED" if interrupted else "FAILED")
+            status = getattr(error_type, "mlflow_status", None) or ("KILLED" if interrupted else "FAILED")
+            self.finish("FINISHED" if error_type is None else status)
 
     def _guarded(self, backend: str, action: Callable[[], None]) -> None:
         """Run one logging call; a failure is one warning, and the backend is then off for this run."""

@@ -5,6 +5,7 @@ Read top to bottom: run folder -> data -> model -> optimiser -> (resume) -> epoc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -440,6 +441,8 @@ class RunStopped(Exception):
     """Raised by an `on_epoch` callback to end a run early (a hyper-parameter search pruning a trial);
     the run folder is marked `stopped` with the message as the reason."""
 
+    mlflow_status = "KILLED"  # how ExperimentLoggers ends the MLflow run when this ends the training
+
 
 def train(config: Config | None = None, *, resume: str | Path | None = None, overrides: list[str] = (),
           force: bool = False, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Path:
@@ -507,42 +510,38 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
             except (OSError, ImgclsError) as error:
                 log.warning(f"could not update {run_dir / 'summary.json'}: {error}")
 
-    try:
-        _on_main(distributed, open_loggers)  # a bad tracking URI stops every rank with the same message
-        if resumption.training_ended:
-            log.info(f"training of {run_dir} had ended; finishing its final evaluation")
-            result = _ended_training(run_dir, checkpoint, config.train.monitor)
-        else:
-            result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch)
-        if distributed.is_main:
-            update_summary(run_dir, stage="final evaluation")  # a resume after a kill from here on only finishes
-        result.update(_final_evaluation(config, run_dir, source, runtime, loggers, result))
-    except RunStopped as stopped:
-        mark(status="stopped", error=str(stopped))
-        log.info(f"stopped: {stopped}")
-        if loggers is not None:
-            loggers.finish("KILLED")
-        raise
-    except KeyboardInterrupt:
-        mark(status="interrupted")
-        log.warning(f"interrupted; continue with: imgcls train --resume {run_dir}")
-        if loggers is not None:
-            loggers.finish("KILLED")
-        raise
-    except DiskFullError as error:
-        mark(status="failed", error=str(error))
-        if loggers is not None:
-            loggers.finish("FAILED")
-        raise DiskFullError(error.path, error.needed, advice="free some space there, then continue with: "
-                            f"imgcls train --resume {run_dir}") from error
-    except BaseException as error:
-        mark(status="failed", error=str(error) if isinstance(error, ImgclsError) else f"{type(error).__name__}: {error}")
-        if loggers is not None:
-            loggers.finish("FAILED")
-        raise
-    mark(status="completed", stage="done", **result)
-    if distributed.is_main and loggers is not None:  # after the summary, so MLflow gets the final summary.json
-        loggers.finish("FINISHED", run_dir / "checkpoints" / "model.safetensors")
+    # the loggers end their MLflow run as the block ends: KILLED, FAILED, or FINISHED (below, with the model)
+    with contextlib.ExitStack() as finishing:
+        try:
+            _on_main(distributed, open_loggers)  # a bad tracking URI stops every rank with the same message
+            if loggers is not None:
+                finishing.enter_context(loggers)
+            if resumption.training_ended:
+                log.info(f"training of {run_dir} had ended; finishing its final evaluation")
+                result = _ended_training(run_dir, checkpoint, config.train.monitor)
+            else:
+                result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch)
+            if distributed.is_main:
+                update_summary(run_dir, stage="final evaluation")  # a resume after a kill from here on only finishes
+            result.update(_final_evaluation(config, run_dir, source, runtime, loggers, result))
+        except RunStopped as stopped:
+            mark(status="stopped", error=str(stopped))
+            log.info(f"stopped: {stopped}")
+            raise
+        except KeyboardInterrupt:
+            mark(status="interrupted")
+            log.warning(f"interrupted; continue with: imgcls train --resume {run_dir}")
+            raise
+        except DiskFullError as error:
+            mark(status="failed", error=str(error))
+            raise DiskFullError(error.path, error.needed, advice="free some space there, then continue with: "
+                                f"imgcls train --resume {run_dir}") from error
+        except BaseException as error:
+            mark(status="failed", error=str(error) if isinstance(error, ImgclsError) else f"{type(error).__name__}: {error}")
+            raise
+        mark(status="completed", stage="done", **result)
+        if loggers is not None:  # after the summary, so MLflow gets the final summary.json
+            loggers.finish("FINISHED", run_dir / "checkpoints" / "model.safetensors")
     return run_dir
 
 
