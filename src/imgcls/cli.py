@@ -149,15 +149,16 @@ def _report(args: argparse.Namespace) -> int:
 
     from imgcls.evaluation import evaluate
     from imgcls.report import write_report
+    from imgcls.tracking import RunFolder
 
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
+    run, folder = Path(args.run), RunFolder(args.run)
+    if not folder.config.is_file():
         raise ImgclsError(f"{run} is not a run folder (no config.yaml); give runs/NAME")
     split = args.split
     if split is None:  # training's choice: test, or val for data without a test split
-        with open(run / "splits.csv", newline="") if (run / "splits.csv").is_file() else open(os.devnull) as handle:
+        with open(folder.splits, newline="") if folder.splits.is_file() else open(os.devnull) as handle:
             splits = {row["split"] for row in csv.DictReader(handle)}
-        split = "test" if "test" in splits or not splits else "val"
+        split = RunFolder.final_split(splits)
     own_split = "_" not in split  # "<folder>_<split>" tags come from `imgcls eval --data`, which must be re-run
     if own_split and (args.refresh or not (run / f"gradcam_{split}.png").is_file()):
         log.info(f"evaluating {split} with explanations (Grad-CAM, activation maps, t-SNE) for the report")

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from imgcls.errors import ImgclsError
+from imgcls.tracking import RunFolder
 
 __all__ = ["Group", "find_runs", "group_runs", "paired_test", "mcnemar_test", "compare",
            "NOT_EXPERIMENT_KEYS", "METRICS", "SWEEP_FILES"]
@@ -53,7 +54,7 @@ _BOOTSTRAP_CHUNK = 2_000_000  # resampled image indices held in memory at once (
 def _run_status(run_dir: Path, split: str) -> str | None:
     """None for a run that counts (completed, with metrics_<split>.json), else why it does not."""
     try:
-        status = json.loads((run_dir / "summary.json").read_text()).get("status") or "unknown status"
+        status = json.loads(RunFolder(run_dir).summary.read_text()).get("status") or "unknown status"
     except (OSError, ValueError):
         return "unreadable summary.json"
     if status != "completed":
@@ -64,7 +65,7 @@ def _run_status(run_dir: Path, split: str) -> str | None:
 
 
 def _is_run(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() and (folder / "summary.json").is_file()
+    return RunFolder(folder).is_run()
 
 
 def find_runs(paths: Iterable[str | Path], split: str = "test") -> list[Path]:
@@ -172,7 +173,7 @@ def _read_run(run_dir: Path, split: str, defaults: dict[str, Any],
     import yaml
 
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        saved = yaml.safe_load(RunFolder(run_dir).config.read_text()) or {}
         metrics = json.loads((run_dir / f"metrics_{split}.json").read_text())
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise ImgclsError(f"cannot read the run folder {run_dir}: {str(error).splitlines()[0]}; "

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from imgcls.errors import ImgclsError
 from imgcls.runtime import Runtime
+from imgcls.tracking import RunFolder
 
 __all__ = ["predict_loader", "compute_metrics", "per_class_report", "evaluate", "calibrate", "save_curves",
            "predict_split",
@@ -256,9 +257,9 @@ def save_curves(run_dir: Path, monitor: str = "val_acc1") -> dict[str, Any] | No
     from imgcls.analyze import save_training_curves
     from imgcls.tracking import read_metrics
 
-    if not (run_dir / "metrics.csv").exists():
+    if not RunFolder(run_dir).metrics.exists():
         return None
-    rows = read_metrics(run_dir / "metrics.csv")
+    rows = read_metrics(RunFolder(run_dir).metrics)
     if not rows:
         return None
     return save_training_curves(rows, run_dir / "curves.png", monitor=monitor)
@@ -280,7 +281,7 @@ def predict_split(classifier, run_dir: Path, split: str, data: str | None, batch
 
     config = classifier.metadata["config"]
     if data is None:
-        splits_csv = run_dir / "splits.csv"
+        splits_csv = RunFolder(run_dir).splits
         source = read_splits_csv(splits_csv, config["data"]["path"]) if splits_csv.exists() else None
         if source is None:
             raise ImgclsError(f"{run_dir} has no splits.csv; pass --data to say what to evaluate")

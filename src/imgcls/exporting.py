@@ -32,6 +32,7 @@ from torch import nn
 from imgcls.checkpoint import atomic_write, default_file_mode
 from imgcls.errors import ImgclsError
 from imgcls.prediction import ONNX_METADATA_KEY, Classifier, OnnxClassifier, Predictor, find_artifact, imgcls_version, load
+from imgcls.tracking import RunFolder
 
 __all__ = ["export", "ExportedModel", "onnx_program", "onnx_in_memory", "quantize_int8", "generated_images",
            "PARITY_AGREEMENT", "PARITY_MAX_DIFFERENCE"]
@@ -161,8 +162,8 @@ def parity_image_set(predictor: Predictor, run_dir: Path, split: str, limit: int
 
     config = predictor.metadata.get("config") or {}
     source = None
-    if (run_dir / "splits.csv").is_file():
-        source = read_splits_csv(run_dir / "splits.csv", (config.get("data") or {}).get("path", ""))
+    if RunFolder(run_dir).splits.is_file():
+        source = read_splits_csv(RunFolder(run_dir).splits, (config.get("data") or {}).get("path", ""))
     samples, used = [], split
     if source is not None:
         used = split if source.splits.get(split) else "val" if split == "test" and source.splits.get("val") else split

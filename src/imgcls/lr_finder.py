@@ -23,7 +23,7 @@ from imgcls.config import Config, save_config
 from imgcls.errors import ImgclsError
 from imgcls.models import set_backbone_trainable
 from imgcls.runtime import Runtime, seed_everything
-from imgcls.tracking import create_run_dir, setup_logging
+from imgcls.tracking import RunFolder, create_run_dir, setup_logging
 from imgcls.training import prepare, resolve_data, train_one_epoch
 
 __all__ = ["find_learning_rate", "smooth", "suggest_valley", "suggest_steepest"]
@@ -109,7 +109,7 @@ def find_learning_rate(config: Config, start_lr: float = 1e-7, end_lr: float = 1
     runtime = Runtime.create(config.device, config.train.precision)
     folder = create_run_dir(config.run.dir, config.run.name, f"lr-find-{source.name}-{config.model.name}")
     setup_logging(folder)
-    save_config(config, folder / "config.yaml")
+    save_config(config, RunFolder(folder).config)
     seed_everything(config.seed)
     setup = prepare(config, source, runtime)  # as `imgcls train` sets up, so the curve is training's
     setup.generator.manual_seed(config.seed)

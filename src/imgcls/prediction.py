@@ -23,6 +23,7 @@ import numpy as np
 
 from imgcls.data.images import is_image_file, load_square
 from imgcls.errors import ImgclsError
+from imgcls.tracking import RunFolder
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +60,7 @@ def find_artifact(run: str | Path) -> Path:
     path = Path(run)
     if path.is_file():
         return path
-    artifact = path / "checkpoints" / "model.safetensors"
+    artifact = RunFolder(path).artifact
     if not path.exists():
         raise ImgclsError(f"run not found: {path}")
     if not artifact.exists():

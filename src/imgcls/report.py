@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls.errors import ImgclsError
+from imgcls.tracking import RunFolder
 
 __all__ = ["write_report", "render_in_browser", "screenshot"]
 
@@ -44,11 +45,13 @@ _BROWSER_HINT = ("rendering the report in a browser needs selenium and Chromium:
 # reading the run folder: every reader returns None (and records why) rather than raising
 # ----------------------------------------------------------------------------------------------------
 
-class _RunFolder:
-    """Tolerant access to the files of one run folder; `problems` collects what could not be read."""
+class _RunReader:
+    """Tolerant access to the files of one run folder (their names: `files`, a tracking.RunFolder);
+    `problems` collects what could not be read."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
+        self.files = RunFolder(run_dir)
         self.problems: list[str] = []
 
     def text(self, name: str) -> str | None:
@@ -96,7 +99,7 @@ class _RunFolder:
         return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
     def artifact_metadata(self) -> dict[str, Any] | None:
-        path = self.run_dir / "checkpoints" / "model.safetensors"
+        path = self.files.artifact
         if not path.is_file():
             return None
         from imgcls.checkpoint import load_artifact
@@ -145,16 +148,14 @@ def _eval_hint(run_dir: Path, tag: str) -> str:
 # the parts of the report, each a dict the template shows (or a `missing` note)
 # ----------------------------------------------------------------------------------------------------
 
-def _choose_tag(run: _RunFolder, split: str | None, split_counts: dict[str, dict[str, int]] | None) -> str:
+def _choose_tag(run: _RunReader, split: str | None, split_counts: dict[str, dict[str, int]] | None) -> str:
     """The evaluated split to report: as asked, else test, else val (training's own choice)."""
     if split is not None:
         return split
     for candidate in ("test", "val"):
         if (run.run_dir / f"metrics_{candidate}.json").is_file():
             return candidate
-    if split_counts is not None and "test" not in split_counts and "val" in split_counts:
-        return "val"
-    return "test"
+    return RunFolder.final_split(split_counts or ())
 
 
 def _split_counts(rows: list[dict[str, str]] | None) -> dict[str, dict[str, int]] | None:
@@ -179,9 +180,9 @@ def _tta_section(tta: Any) -> dict[str, Any] | None:
             **figures}
 
 
-def _data_section(run: _RunFolder, counts: dict[str, dict[str, int]] | None,
+def _data_section(run: _RunReader, counts: dict[str, dict[str, int]] | None,
                   class_names: list[str] | None) -> dict[str, Any]:
-    bad_text = run.text("bad_images.txt")
+    bad_text = run.text(run.files.bad_images.name)
     bad = [line.split("\t", 1) for line in (bad_text or "").splitlines() if line.strip()]
     section: dict[str, Any] = {
         "bad_images": [(parts[0], parts[1] if len(parts) > 1 else "") for parts in bad],
@@ -203,8 +204,8 @@ def _data_section(run: _RunFolder, counts: dict[str, dict[str, int]] | None,
     return section
 
 
-def _curves_section(run: _RunFolder, summary: dict[str, Any], analysis: dict[str, Any] | None) -> dict[str, Any]:
-    rows = run.csv("metrics.csv")
+def _curves_section(run: _RunReader, summary: dict[str, Any], analysis: dict[str, Any] | None) -> dict[str, Any]:
+    rows = run.csv(run.files.metrics.name)
     curves = dict(_dict(_dict(analysis).get("curves")))
     if "overfit_epoch" not in curves and rows and "val_loss" in rows[0]:
         from imgcls.analyze import overfitting_epoch
@@ -348,10 +349,10 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def _gather(run_dir: Path, split: str | None) -> dict[str, Any]:
     """Everything the template shows, read from the run folder."""
-    run = _RunFolder(run_dir)
-    summary = run.json("summary.json") or {}
+    run = _RunReader(run_dir)
+    summary = run.json(run.files.summary.name) or {}
     metadata = run.artifact_metadata()
-    config_text = run.text("config.yaml")
+    config_text = run.text(run.files.config.name)
     config = _dict(_dict(metadata).get("config"))
     if not config and config_text:
         import yaml
@@ -361,7 +362,7 @@ def _gather(run_dir: Path, split: str | None) -> dict[str, Any]:
     class_names = _dict(metadata).get("class_names")
     if not isinstance(class_names, list):
         class_names = None
-    counts = _split_counts(run.csv("splits.csv"))
+    counts = _split_counts(run.csv(run.files.splits.name))
     tag = _choose_tag(run, split, counts)
 
     metrics = run.json(f"metrics_{tag}.json")
@@ -376,7 +377,7 @@ def _gather(run_dir: Path, split: str | None) -> dict[str, Any]:
     errors = _dict(analysis).get("errors")
     model_name = _first(_dict(metadata).get("model_name"), _dict(config.get("model")).get("name"))
     best = _dict(summary.get("best"))
-    environment = run.json("env.json")
+    environment = run.json(run.files.environment.name)
     from imgcls.analyze import CONFIDENT  # the threshold of a "confident error", for the text
     context = {
         "title": f"imgcls report: {run_dir.name}",

@@ -18,7 +18,7 @@ from typing import Any
 from imgcls.config import load_config
 from imgcls.errors import ImgclsError
 from imgcls.runtime import usable_cores
-from imgcls.tracking import console_level, read_summary, setup_logging
+from imgcls.tracking import RunFolder, console_level, read_summary, setup_logging
 
 __all__ = ["PlannedRun", "run_all", "worker_slots", "start_process"]
 
@@ -41,7 +41,7 @@ def _state(run_dir: Path) -> str:
     status = read_summary(run_dir).get("status")
     if status == "completed":
         return "completed"
-    return "resumable" if (run_dir / "config.yaml").exists() else "new"
+    return "resumable" if RunFolder(run_dir).config.exists() else "new"
 
 
 def _train_here(base: Path, folder: Path, run: PlannedRun, state: str) -> None:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from imgcls.config import TrackingConfig
 
 __all__ = [
-    "create_run_dir", "setup_logging", "progress", "StepProgress", "append_metrics", "read_metrics",
+    "RunFolder", "create_run_dir", "setup_logging", "progress", "StepProgress", "append_metrics", "read_metrics",
     "truncate_metrics", "update_summary", "read_summary", "process_identity", "process_is_alive", "environment",
     "on_terminal", "console_level",
     "ExperimentLoggers", "scalar_tag", "flatten_params", "MLFLOW_STATUSES",
@@ -84,11 +84,78 @@ def create_run_dir(root: str | Path, name: str | None, default_name: str, force:
     raise ImgclsError(f"too many runs named {base} in {root}")
 
 
+class RunFolder:
+    """The files of a run folder, each name spelt here once, and its one rule (which split is final).
+
+        runs/NAME/config.yaml      the resolved config         summary.json   status, best epoch, final metrics
+                  splits.csv       every image and its split   metrics.csv    one row per epoch
+                  env.json         versions, device, threads   log.txt        the console, in full
+                  bad_images.txt   unreadable files            tracking.json  the MLflow run to continue
+                  checkpoints/     last.ckpt, best.ckpt, model.safetensors (see checkpoint.CheckpointSet)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.path / "splits.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def environment(self) -> Path:
+        return self.path / "env.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log.txt"
+
+    @property
+    def bad_images(self) -> Path:
+        return self.path / "bad_images.txt"
+
+    @property
+    def tracking(self) -> Path:
+        return self.path / "tracking.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def artifact(self) -> Path:
+        """The model artifact, checkpoints/model.safetensors: what predict, export and serve read."""
+        from imgcls.checkpoint import CheckpointSet
+
+        return CheckpointSet(self.checkpoints).artifact
+
+    def is_run(self) -> bool:
+        """A folder that imgcls train made (its config and summary are written first)."""
+        return self.config.is_file() and self.summary.is_file()
+
+    @staticmethod
+    def final_split(split_names: Iterable[str]) -> str:
+        """The split a run is finally evaluated on: test, or val for data without a test split."""
+        names = set(split_names)
+        return "test" if "test" in names or not names else "val"
+
+
 def _check_replaceable(path: Path) -> None:
     """--force deletes only what imgcls made: a real folder (not a link) holding a summary.json, or nothing."""
     if path.is_symlink() or not path.is_dir():
         raise ImgclsError(f"refusing to replace {path} with --force: it is not a folder; choose another run.name")
-    if not (path / "summary.json").is_file() and any(path.iterdir()):
+    if not RunFolder(path).summary.is_file() and any(path.iterdir()):
         raise ImgclsError(f"refusing to replace {path} with --force: it is not an imgcls run folder (no summary.json); "
                           "choose another run.name, or move the folder away yourself")
 
@@ -127,7 +194,7 @@ def setup_logging(run_dir: Path | None = None, verbose: bool = False, quiet: boo
         console.setFormatter(_PlainFormatter())
         logger.addHandler(console)
     if run_dir is not None:
-        file_handler = _RunLogHandler(Path(run_dir) / "log.txt", encoding="utf-8")
+        file_handler = _RunLogHandler(RunFolder(run_dir).log, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(file_handler)
 
@@ -224,7 +291,7 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
 
 
 def _read_summary_file(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "summary.json"
+    path = RunFolder(run_dir).summary
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except ValueError:  # cut short by a full disk before atomic writes, or edited by hand
@@ -276,7 +343,7 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 def update_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
     summary = {**_read_summary_file(run_dir), **fields}
-    atomic_write(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=str).encode())
+    atomic_write(RunFolder(run_dir).summary, json.dumps(summary, indent=2, default=str).encode())
     return summary
 
 
@@ -421,7 +488,7 @@ def _start_mlflow(tracking: TrackingConfig, run_dir: Path, params: dict[str, str
         from mlflow.entities import Param, RunTag
     except ImportError as error:
         raise ImgclsError("tracking.mlflow=true needs MLflow: pip install mlflow (or set tracking.mlflow=false)") from error
-    saved_path = run_dir / "tracking.json"
+    saved_path = RunFolder(run_dir).tracking
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
     # a resumed run keeps the store it started in, even when resumed from another working directory
     uri = tracking.mlflow_uri or saved.get("mlflow_uri") or mlflow.get_tracking_uri()

@@ -34,7 +34,7 @@ from imgcls.models import (
 )
 from imgcls.runtime import CoreShare, Distributed, Runtime, rng_state, seed_everything, set_rng_state
 from imgcls.tracking import (
-    ExperimentLoggers, StepProgress, append_metrics, create_run_dir, environment, process_identity, process_is_alive,
+    ExperimentLoggers, RunFolder, StepProgress, append_metrics, create_run_dir, environment, process_identity, process_is_alive,
     read_metrics, read_summary, setup_logging, truncate_metrics, update_summary,
 )
 
@@ -338,10 +338,10 @@ def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     # from now on --force may replace the folder; the process is recorded from the start (see read_summary)
     update_summary(run_dir, status="created", run=str(run_dir), **process_identity())
     # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
-    save_config(config, run_dir / "config.yaml")
+    save_config(config, RunFolder(run_dir).config)
     config = replace(config, run=replace(config.run, name=run_dir.name))
-    write_splits_csv(source, run_dir / "splits.csv")
-    (run_dir / "checkpoints").mkdir()
+    write_splits_csv(source, RunFolder(run_dir).splits)
+    RunFolder(run_dir).checkpoints.mkdir()
     return config, run_dir, source
 
 
@@ -359,13 +359,13 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool,
                 is_main: bool = True) -> tuple[Config, Path, DataSource, Resumption]:
     """Every rank reads the run folder; rank 0 alone (`is_main`) repairs or completes it."""
     run_dir = Path(run)
-    if not (run_dir / "config.yaml").exists():
-        if (run_dir / "summary.json").exists():  # killed in the instant between creating the folder and its config
+    if not RunFolder(run_dir).config.exists():
+        if RunFolder(run_dir).summary.exists():  # killed in the instant between creating the folder and its config
             raise ImgclsError(f"cannot resume {run_dir}: it was stopped before its settings were saved; start it "
                               "again with the same command and --force (which replaces that folder)")
         raise ImgclsError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
-    saved = load_config(run_dir / "config.yaml")
-    config = load_config(run_dir / "config.yaml", overrides)
+    saved = load_config(RunFolder(run_dir).config)
+    config = load_config(RunFolder(run_dir).config, overrides)
     changed = [key for key in (o.split("=", 1)[0] for o in overrides) if key not in RESUMABLE_OVERRIDES]
     if changed:
         raise ImgclsError(f"cannot change '{changed[0]}' when resuming (only {', '.join(RESUMABLE_OVERRIDES)}); "
@@ -378,7 +378,7 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool,
         if alive is None and "pid" in summary:
             raise ImgclsError(f"{run_dir} is being trained on {summary.get('host')} (pid {summary['pid']}); if that "
                               "process is gone, resume with --force")
-    checkpoints = CheckpointSet(run_dir / "checkpoints")
+    checkpoints = CheckpointSet(RunFolder(run_dir).checkpoints)
     raised_epochs = config.train.epochs > saved.train.epochs
     if not checkpoints.last.is_file():
         log.warning(f"{run_dir} has no checkpoint (it stopped before the end of its first epoch): "
@@ -400,12 +400,12 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool,
         resumption = Resumption(checkpoint, training_ended=ended)
     if raised_epochs:
         log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
-    if (run_dir / "splits.csv").exists():
-        source = read_splits_csv(run_dir / "splits.csv", config.data.path)
+    if RunFolder(run_dir).splits.exists():
+        source = read_splits_csv(RunFolder(run_dir).splits, config.data.path)
     else:  # killed before it was written: the splits are a function of the saved config (data.split_seed)
         config, source = resolve_data(config)
         if is_main:
-            write_splits_csv(source, run_dir / "splits.csv")
+            write_splits_csv(source, RunFolder(run_dir).splits)
     config = replace(config, run=replace(config.run, name=run_dir.name))
     return config, run_dir, source, resumption
 
@@ -491,7 +491,7 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
                       omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "libgomp's default (spin a while, then sleep)"))
     checkpoint = resumption.checkpoint
     if distributed.is_main:
-        atomic_write(run_dir / "env.json", json.dumps(env, indent=2).encode())
+        atomic_write(RunFolder(run_dir).environment, json.dumps(env, indent=2).encode())
         # the process is recorded, so that a run whose process died reads as interrupted, not running
         update_summary(run_dir, status="running", run=str(run_dir), started=env["created"], error=None,
                        stage="final evaluation" if resumption.training_ended else "training", **process_identity())
@@ -541,13 +541,13 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
             raise
         mark(status="completed", stage="done", **result)
         if loggers is not None:  # after the summary, so MLflow gets the final summary.json
-            loggers.finish("FINISHED", run_dir / "checkpoints" / "model.safetensors")
+            loggers.finish("FINISHED", RunFolder(run_dir).artifact)
     return run_dir
 
 
 def _ended_training(run_dir: Path, checkpoint: dict, monitor: str) -> dict[str, Any]:
     """What `_fit` returns, for a run whose training had ended before it was stopped."""
-    rows = read_metrics(run_dir / "metrics.csv")
+    rows = read_metrics(RunFolder(run_dir).metrics)
     return {"best_epoch": checkpoint["best_epoch"], "best": {monitor: checkpoint["best"]},
             "last_epoch": {key: float(value) for key, value in rows[-1].items()} if rows else {},
             "train_minutes": sum(float(row["epoch_seconds"]) for row in rows) / 60}
@@ -686,7 +686,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     setup = prepare(config, source, runtime)
     prepared, model = setup.prepared, setup.model
     if prepared.bad_images and is_main:
-        (run_dir / "bad_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in prepared.bad_images.items()))
+        RunFolder(run_dir).bad_images.write_text("".join(f"{p}\t{r}\n" for p, r in prepared.bad_images.items()))
     # every rank validates on all of val: identical metrics, so early stopping agrees without messages
     val_loader = make_loader(prepared.datasets["val"], config.train.batch_size * 2,
                              0 if prepared.cached else setup.workers, False, pin_memory=runtime.device.type == "cuda")
@@ -708,15 +708,15 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     monitor = config.train.monitor
 
     # ---- resume: every piece of state, so the run continues as if never stopped
-    checkpoints = CheckpointSet(run_dir / "checkpoints")
+    checkpoints = CheckpointSet(RunFolder(run_dir).checkpoints)
     if is_main and checkpoint is None:
-        truncate_metrics(run_dir / "metrics.csv", 0)  # a run restarted from the beginning after an early kill
+        truncate_metrics(RunFolder(run_dir).metrics, 0)  # a run restarted from the beginning after an early kill
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
         rng = checkpoint["rng"]  # one state per rank
         set_rng_state(rng[distributed.rank] if distributed.rank < len(rng) else rng[0])
         if is_main:
-            truncate_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
+            truncate_metrics(RunFolder(run_dir).metrics, checkpoint["epoch"])
         log.info(f"resumed after epoch {state.epoch} (best {monitor} {state.best:.4f} at epoch {state.best_epoch})")
     if distributed.enabled and config.model.freeze_epochs:
         raise ImgclsError("model.freeze_epochs does not work with torchrun yet (DDP needs a fixed set of trained "
@@ -767,7 +767,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         }
         rng = distributed.gather(rng_state())
         if is_main:
-            append_metrics(run_dir / "metrics.csv", row)
+            append_metrics(RunFolder(run_dir).metrics, row)
             if loggers is not None:
                 loggers.log_epoch(epoch, row)
             saved = {**state.state_dict(), "rng": rng, "config": config_to_dict(config), "class_names": class_names}
@@ -810,13 +810,13 @@ def _final_evaluation(config: Config, run_dir: Path, source: DataSource, runtime
     on rank 0. Safe to run again after a kill: both start from the model artifact as training left it."""
     output = {}
     if runtime.distributed.is_main:
-        split = "test" if "test" in source.splits else "val"
+        split = RunFolder.final_split(source.splits)
         if config.train.calibrate:
             calibration = calibrate(run_dir, device=str(runtime.device), target_precision=config.train.reject_precision)
             _log_calibration(calibration)
         # the quick figures only: Grad-CAM and t-SNE come with `imgcls eval` and `imgcls report`
         final = evaluate(run_dir, split, device=str(runtime.device), explain=False)
-        artifact = run_dir / "checkpoints" / "model.safetensors"
+        artifact = RunFolder(run_dir).artifact
         state_dict, metadata = load_artifact(artifact)
         metadata["metrics"].update({f"{split}_{key}": value for key, value in final.items()})
         save_artifact(artifact, state_dict, metadata)
