@@ -75,6 +75,23 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("IMGCLS_CACHE_DIR", shared or str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+TINY_RUN = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "train.epochs=2", "seed=0",
+            "data.augment=none"]
+
+
+def train_tiny_run(data: Path, runs: Path, tmp_path_factory, *overrides: str) -> Path:
+    """A real run of small_resnet (2 epochs at 32 px, ~5 s) on `data` into `runs`; its folder. For
+    module-scoped fixtures, which the per-test cache fixture does not cover: the decoded-image cache
+    stays in the test session's folders."""
+    import imgcls
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMGCLS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        imgcls.train(imgcls.load_config(overrides=[f"data.path={data}", f"run.dir={runs}", *TINY_RUN, *overrides]))
+    (run,) = runs.iterdir()
+    return run
+
+
 @pytest.fixture
 def run_root(tmp_path: Path) -> Path:
     return tmp_path / "runs"

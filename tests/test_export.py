@@ -23,24 +23,11 @@ import imgcls
 from imgcls.cli import main
 from imgcls.errors import ImgclsError
 from imgcls.prediction import OnnxClassifier, augmented_views, load
-from tests.conftest import copy_tree
-
-FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0", "data.augment=none"]
-
-
-def train_run(data: Path, runs: Path, *overrides: str) -> Path:
-    imgcls.train(imgcls.load_config(overrides=[f"data.path={data}", f"run.dir={runs}", "train.epochs=2",
-                                               *FAST, *overrides]))
-    (run,) = runs.iterdir()
-    return run
-
+from tests.conftest import copy_tree, train_tiny_run
 
 @pytest.fixture(scope="module")
 def trained_run(shapes_folder, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    with pytest.MonkeyPatch.context() as patch:  # the decoded-image cache stays in the test's folders
-        patch.setenv("IMGCLS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        return train_run(shapes_folder, root / "runs")
+    return train_tiny_run(shapes_folder, tmp_path_factory.mktemp("export") / "runs", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +122,9 @@ def test_failed_parity_is_an_error_and_keeps_no_file(trained_run, tmp_path, monk
     assert entry["parity"]["passed"] is False and entry["kept"] is False
 
 
-def test_export_of_a_run_whose_data_is_gone_uses_generated_images(trained_run, shapes_folder, tmp_path):
+def test_export_of_a_run_whose_data_is_gone_uses_generated_images(shapes_folder, tmp_path, tmp_path_factory):
     data = copy_tree(shapes_folder, tmp_path / "data")
-    run = train_run(data, tmp_path / "runs")
+    run = train_tiny_run(data, tmp_path / "runs", tmp_path_factory)
     shutil.rmtree(data)
     result = imgcls.export(run)
     assert result["parity_images"] == "256 generated images"
@@ -269,13 +256,14 @@ def test_eval_with_tta_reports_both_and_the_report_shows_them(trained_run, tmp_p
     assert 'id="tta"' in page and "with TTA (flip, 2 views)" in page
 
 
-def test_a_model_trained_without_flips_is_never_mirrored(shapes_folder, tmp_path):
+def test_a_model_trained_without_flips_is_never_mirrored(shapes_folder, tmp_path, tmp_path_factory):
     from imgcls.data.augment import build_augment
 
     config = imgcls.load_config(overrides=["data.augment=standard", "data.horizontal_flip=false"])
     modules = [type(module).__name__ for module in build_augment(config.data, 32).modules()]
     assert "RandomHorizontalFlip" not in modules and "RandomResizedCrop" in modules
-    run = train_run(shapes_folder, tmp_path / "runs", "data.horizontal_flip=false", "train.epochs=1")
+    run = train_tiny_run(shapes_folder, tmp_path / "runs", tmp_path_factory, "data.horizontal_flip=false",
+                         "train.epochs=1")
     model = load(run)
     assert model.flip_allowed is False
     metrics = imgcls.evaluate(run, explain=False, quiet=True, tta="flip")

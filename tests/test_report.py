@@ -21,7 +21,7 @@ from PIL import Image
 import imgcls
 from imgcls.errors import ImgclsError
 from imgcls.report import render_in_browser, write_report
-from tests.conftest import CLASSES
+from tests.conftest import CLASSES, train_tiny_run
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 HEADINGS = ("Summary", "Data", "Training curves", "Per-class results", "Confusion matrix", "Most-confused pairs",
@@ -39,14 +39,9 @@ NOT_AVAILABLE = "Not available"
 def evaluated_run(shapes_folder, tmp_path_factory) -> Path:
     """A tiny real run (2 epochs of small_resnet, ~5 s), then `evaluate` with explanations (~5 s):
     every file the report reads, as the real code writes it."""
-    root = tmp_path_factory.mktemp("report")
+    run = train_tiny_run(shapes_folder, tmp_path_factory.mktemp("report") / "runs", tmp_path_factory)
     with pytest.MonkeyPatch.context() as patch:  # the decoded-image cache stays in the test's folders
         patch.setenv("IMGCLS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        imgcls.train(imgcls.load_config(overrides=[
-            f"data.path={shapes_folder}", f"run.dir={root / 'runs'}", "model.name=small_resnet",
-            "data.image_size=32", "train.batch_size=16", "train.epochs=2", "seed=0", "data.augment=none",
-        ]))
-        (run,) = (root / "runs").iterdir()
         imgcls.evaluate(run, "test", quiet=True)  # explain=True: Grad-CAM, activation maps, t-SNE
     return run
 

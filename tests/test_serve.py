@@ -40,6 +40,7 @@ from PIL import Image
 import imgcls
 from imgcls.prediction import UNKNOWN, OnnxClassifier
 from imgcls.serving import MAX_FILE_BYTES, MAX_REQUEST_BYTES, create_app
+from tests.conftest import train_tiny_run
 
 TOPK = 5  # the API's default top-k
 STARLETTE_SPOOL_BYTES = 2**20  # Starlette's MultiPartParser spools a larger upload to a disk file
@@ -53,15 +54,8 @@ WAIT_SECONDS = 30  # for a server to start
 @pytest.fixture(scope="module")
 def onnx_path(shapes_folder, tmp_path_factory) -> Path:
     """A tiny real run (2 epochs of small_resnet, ~10 s) exported to ONNX (~3 s)."""
-    root = tmp_path_factory.mktemp("serve")
-    with pytest.MonkeyPatch.context() as patch:  # the decoded-image cache stays in the test's folders
-        patch.setenv("IMGCLS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        imgcls.train(imgcls.load_config(overrides=[
-            f"data.path={shapes_folder}", f"run.dir={root / 'runs'}", "model.name=small_resnet",
-            "data.image_size=32", "train.batch_size=16", "train.epochs=2", "seed=0", "data.augment=none",
-        ]))
-        (run,) = (root / "runs").iterdir()
-        imgcls.export(run)
+    run = train_tiny_run(shapes_folder, tmp_path_factory.mktemp("serve") / "runs", tmp_path_factory)
+    imgcls.export(run)
     return run / "export" / "model.onnx"
 
 
