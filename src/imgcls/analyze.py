@@ -595,7 +595,8 @@ def save_training_curves(rows: list[dict[str, Any]], path: str | Path, monitor: 
     plt = _pyplot()
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = ((loss_axis, ("train_loss", "val_loss", "val_ema_loss"), "loss"),
-              (accuracy_axis, ("train_acc1", "val_acc1", "val_acc5", "val_ema_acc1"), "accuracy"))
+              (accuracy_axis, ("train_acc1", "val_acc1", "val_acc5", "val_ema_acc1",  # single-label
+                               "train_subset_acc", "val_map", "val_f1_micro", "val_ema_map"), "accuracy / mAP"))
     for axis, names, label in panels:
         for name in names:
             if name in columns and not np.isnan(columns[name]).all():

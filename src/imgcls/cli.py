@@ -173,19 +173,19 @@ def _predict(args: argparse.Namespace) -> int:
 
     classifier = load(args.run, args.device)
     paths = expand_paths(args.paths)
-    rows = classifier.predict(paths, topk=args.topk, reject=args.reject, tta=args.tta)
+    rows = classifier.predict(paths, topk=args.topk, reject=args.reject, tta=args.tta, threshold=args.threshold)
     topk = max(1, min(args.topk, len(classifier.class_names)))
     failed = sum(1 for row in rows if row["error"])
     if failed == len(rows):  # nothing to write: a script must see the failure in the exit code
         raise ImgclsError(f"none of the {len(rows)} files could be read (e.g. {rows[0]['path']}: {rows[0]['error']}); "
                           "give image files (JPEG, PNG, WebP, BMP, TIFF or GIF)")
     if args.out:
-        write_predictions_csv(args.out, rows, topk)
+        write_predictions_csv(args.out, rows, topk, classifier)
         log.info(f"wrote {len(rows)} predictions to {args.out}" + (f" ({failed} unreadable)" if failed else ""))
     elif sys.stdout.isatty():
         _print_predictions(rows)
     else:  # piped: CSV on stdout
-        write_predictions_csv(sys.stdout, rows, topk)
+        write_predictions_csv(sys.stdout, rows, topk, classifier)
     if failed:
         log.warning(f"{failed} of {len(rows)} files could not be read; see the error column")
     if args.reject:
@@ -219,6 +219,15 @@ def _print_predictions(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if rows and "labels" in rows[0]:  # multi-label
+        table = Table("path", "labels", "probabilities", "error")
+        for row in rows:
+            values = sorted(((value, key.removeprefix("prob_")) for key, value in row.items() if key.startswith("prob_")),
+                            reverse=True)
+            table.add_row(row["path"], row["labels"] or "(none)", ", ".join(f"{name} {value:.2f}" for value, name in values[:5]),
+                          row["error"])
+        Console().print(table)
+        return
     table = Table("path", "label", "confidence", "top-k", "error")
     for row in rows:
         tops = ", ".join(f"{row[f'label_{k}']} {row[f'prob_{k}']:.2f}" for k in range(2, 6) if f"label_{k}" in row)
@@ -401,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--reject", metavar="auto|CONFIDENCE",
                          help="answer 'unknown' below this confidence; auto: the threshold chosen on the validation "
                               "split for 95%% precision, stored in the model")
+    predict.add_argument("--threshold", type=float, metavar="PROBABILITY",
+                         help="multi-label models: answer every label whose probability reaches this (default: each "
+                              "label's threshold chosen on the validation split, stored in the model)")
     predict.add_argument("--tta", nargs="?", const="flip", choices=("flip", "crops"),
                          help="average the probabilities of the image and its mirror (flip, the default), plus 4 "
                               "shifted crops (crops); a model trained with data.horizontal_flip=false is never "

@@ -37,8 +37,11 @@ NOT_EXPERIMENT_KEYS = (
     "seed", "run.name", "run.dir", "device", "data.workers", "train.log_every", "data.cache",
     "data.cache_max_gib", "tracking.*",
 )
-# the columns of the table, from metrics_<split>.json; acc1 (top-1 accuracy) ranks the configurations
+# the columns of the table, from metrics_<split>.json; acc1 (top-1 accuracy) ranks the configurations,
+# and for multi-label runs map (mean average precision over the labels)
 METRICS = ("acc1", "acc5", "loss", "macro_f1", "ece")
+MULTI_LABEL_METRICS = ("map", "f1_micro", "f1_macro", "subset_acc", "loss")
+_MULTI_LABEL_RESAMPLES = 2_000  # each resample computes every label's AP for every run: 2,000 take seconds
 # a folder made by `imgcls sweep`, `cv` or `tune` has one of these (imgcls.sweeps writes plan.json);
 # given such a folder alone, compare writes comparison.csv and comparison.md into it
 SWEEP_FILES = ("plan.json", "sweep.yaml")
@@ -138,17 +141,31 @@ class Group:
         return len(self.runs)
 
     @property
+    def multi_label(self) -> bool:
+        return "map" in self.metrics[0]
+
+    @property
+    def ranking(self) -> str:
+        """The metric that ranks configurations: acc1, or map for multi-label runs."""
+        return "map" if self.multi_label else "acc1"
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return MULTI_LABEL_METRICS if self.multi_label else METRICS
+
+    @property
     def best(self) -> int:
-        """Index of the run with the highest acc1 (the first one on a tie)."""
-        return max(range(self.n), key=lambda index: self.metrics[index].get("acc1", -math.inf))
+        """Index of the run with the highest acc1 (map) (the first one on a tie)."""
+        return max(range(self.n), key=lambda index: self.metrics[index].get(self.ranking, -math.inf))
 
     def row(self) -> dict[str, Any]:
-        """One flat row: label, n, seeds, <metric>_mean / <metric>_std, best_acc1, best_seed, best_run."""
+        """One flat row: label, n, seeds, <metric>_mean / <metric>_std, best_acc1 (best_map), best_seed, best_run."""
         row: dict[str, Any] = {"label": self.label, "n": self.n, "seeds": list(self.seeds)}
-        for metric in METRICS:
+        for metric in self.metric_names:
             row[f"{metric}_mean"], row[f"{metric}_std"] = self.mean[metric], self.std[metric]
         best = self.best
-        row.update(best_acc1=self.metrics[best].get("acc1"), best_seed=self.seeds[best], best_run=str(self.runs[best]))
+        row.update({f"best_{self.ranking}": self.metrics[best].get(self.ranking), "best_seed": self.seeds[best],
+                    "best_run": str(self.runs[best])})
         return row
 
 
@@ -249,11 +266,14 @@ def group_runs(runs: Iterable[str | Path], split: str = "test", ignore: Iterable
     for label, items in zip(_labels([items[0][1] for items in members]), members):
         group = Group(label=label, config=items[0][1], runs=[item[0] for item in items],
                       seeds=[item[2] for item in items], metrics=[item[3] for item in items])
-        for metric in METRICS:
+        for metric in group.metric_names:
             values = [float(m[metric]) for m in group.metrics if isinstance(m.get(metric), (int, float))]
             group.mean[metric], group.std[metric] = _spread(values)
         groups.append(group)
-    return sorted(groups, key=lambda group: -(group.mean["acc1"] if group.mean["acc1"] is not None else -math.inf))
+    if len({group.multi_label for group in groups}) > 1:
+        raise ImgclsError("the runs mix single-label and multi-label models; compare each kind on its own")
+    return sorted(groups, key=lambda group: -(group.mean[group.ranking] if group.mean[group.ranking] is not None
+                                              else -math.inf))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,9 +372,13 @@ def paired_test(group_a: Group, group_b: Group, split: str = "test", resamples: 
         config_a, config_b (labels), images, accuracy_a, accuracy_b, difference (A - B, fraction), ci_low, ci_high,
         resamples, mcnemar (see `mcnemar_test`), verdict ("significant", "not significant" or
         "borderline": the two tests disagree) and statement (one paragraph in words).
+    Multi-label groups get `paired_map_test` instead.
+
     Raises:
         ImgclsError: a run without predictions_<split>.csv, or groups tested on different images.
     """
+    if group_a.multi_label:
+        return paired_map_test(group_a, group_b, split, min(resamples, _MULTI_LABEL_RESAMPLES), seed)
     counts_a, counts_b = _image_correctness(group_a, split), _image_correctness(group_b, split)
     _check_same_images(group_a, group_b, set(counts_a), set(counts_b))
     images = sorted(counts_a)
@@ -375,8 +399,94 @@ def paired_test(group_a: Group, group_b: Group, split: str = "test", resamples: 
     return result
 
 
-def _mean_std(group: Group, metric: str = "acc1") -> str:
-    """`0.912 ± 0.004` (or `0.912` for one run, `-` when no run recorded the metric)."""
+def _run_probabilities(group: Group, split: str) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+    """(image paths, truth, each run's probabilities), rows in path order, from the multi-label
+    predictions_<split>.csv of every run of the group (all tested on the same images)."""
+    from imgcls.multilabel import read_predictions
+
+    images, truth, runs = None, None, []
+    for run_dir in group.runs:
+        path = run_dir / f"predictions_{split}.csv"
+        if not path.is_file():
+            raise ImgclsError(f"no {path.name} in {run_dir}: evaluate it (imgcls eval {run_dir} --split {split})")
+        paths, probabilities, labels, _ = read_predictions(path)
+        order = np.argsort(paths, kind="stable")
+        paths = [paths[index] for index in order]
+        if images is not None and paths != images:
+            raise ImgclsError(f"the runs of '{group.label}' were not tested on the same images ({run_dir} differs); "
+                              "the multi-label paired test needs a fixed test split")
+        images, truth = paths, labels[order]
+        runs.append(probabilities[order])
+    return images, truth, runs
+
+
+def _resampled_map(truth: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """mAP under each row of `weights` (how often each image was drawn by one bootstrap resample):
+    every label's average precision with images counted by their weights, averaged over the labels
+    with a drawn positive."""
+    precisions = []
+    for label in range(truth.shape[1]):
+        order = np.argsort(-probabilities[:, label], kind="stable")
+        positive = truth[order, label].astype(float)
+        drawn = weights[:, order]
+        hits = drawn * positive
+        precision = np.cumsum(hits, axis=1) / np.maximum(np.cumsum(drawn, axis=1), 1e-12)
+        positives = hits.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precisions.append(np.where(positives > 0, (hits * precision).sum(axis=1) / positives, np.nan))
+    return np.nanmean(np.stack(precisions), axis=0)
+
+
+def paired_map_test(group_a: Group, group_b: Group, split: str = "test", resamples: int = 2_000,
+                    seed: int = 0) -> dict[str, Any]:
+    """Is A's mAP different from B's on the same test images? A paired bootstrap over images.
+
+    Each resample draws the test images with replacement and computes, for every run, the mAP on the
+    drawn images (each label's average precision weighted by the draw); a configuration's figure is the
+    mean over its seeds. The 95% percentile interval of mAP(A) - mAP(B) excluding 0 is the verdict.
+
+    Returns:
+        config_a, config_b, images, metric ("map"), map_a, map_b, difference (A - B), ci_low, ci_high,
+        resamples, verdict ("significant" or "not significant") and statement.
+    Raises:
+        ImgclsError: a run without predictions_<split>.csv, or runs tested on different images.
+    """
+    images_a, truth, runs_a = _run_probabilities(group_a, split)
+    images_b, _, runs_b = _run_probabilities(group_b, split)
+    _check_same_images(group_a, group_b, set(images_a), set(images_b))
+    rng = np.random.default_rng(seed)
+    count, differences = len(images_a), []
+    chunk = max(1, _BOOTSTRAP_CHUNK // (4 * count))
+    for start in range(0, resamples, chunk):
+        weights = rng.multinomial(count, np.full(count, 1 / count), size=min(chunk, resamples - start)).astype(float)
+        figure_a = np.mean([_resampled_map(truth, run, weights) for run in runs_a], axis=0)
+        figure_b = np.mean([_resampled_map(truth, run, weights) for run in runs_b], axis=0)
+        differences.append(figure_a - figure_b)
+    ci_low, ci_high = np.percentile(np.concatenate(differences), [2.5, 97.5])
+    plain = np.ones((1, count))
+    map_a = float(np.mean([_resampled_map(truth, run, plain) for run in runs_a]))
+    map_b = float(np.mean([_resampled_map(truth, run, plain) for run in runs_b]))
+    difference = map_a - map_b
+    significant = ci_low > 0 or ci_high < 0
+    first = f"{group_a.label} (mAP {_mean_std(group_a)}, n={group_a.n})"
+    second = f"{group_b.label} (mAP {_mean_std(group_b)}, n={group_b.n})"
+    verb = "beats" if difference > 0 else "trails" if difference < 0 else "ties with"
+    statement = (f"{first} {verb} {second} by {100 * abs(difference):.1f} mAP points, paired bootstrap over "
+                 f"{count} images 95% CI [{100 * ci_low:.1f}, {100 * ci_high:.1f}]: "
+                 + ("the difference is significant at the 5% level." if significant
+                    else "the difference is not significant (the CI includes 0): treat them as equal."))
+    if min(group_a.n, group_b.n) < 3:
+        statement += " With fewer than 3 seeds per configuration, the std is not a reliable spread."
+    return {"config_a": group_a.label, "config_b": group_b.label, "images": count, "metric": "map",
+            "map_a": map_a, "map_b": map_b, "difference": difference, "ci_low": float(ci_low),
+            "ci_high": float(ci_high), "resamples": resamples,
+            "verdict": "significant" if significant else "not significant", "statement": statement}
+
+
+def _mean_std(group: Group, metric: str | None = None) -> str:
+    """`0.912 ± 0.004` (or `0.912` for one run, `-` when no run recorded the metric); default: the
+    group's ranking metric."""
+    metric = metric or group.ranking
     mean, std = group.mean[metric], group.std[metric]
     if mean is None:
         return "-"
@@ -418,19 +528,26 @@ def _statement(group_a: Group, group_b: Group, result: dict[str, Any]) -> tuple[
 
 
 _COLUMNS = (("acc1", "top-1"), ("acc5", "top-5"), ("loss", "loss"), ("macro_f1", "macro-F1"), ("ece", "ECE"))
+_MULTI_LABEL_COLUMNS = (("map", "mAP"), ("f1_micro", "micro-F1"), ("f1_macro", "macro-F1"),
+                        ("subset_acc", "subset acc"), ("loss", "loss"))
+
+
+def _columns(group: Group) -> tuple[tuple[str, str], ...]:
+    return _MULTI_LABEL_COLUMNS if group.multi_label else _COLUMNS
 
 
 def _table_cells(group: Group) -> list[str]:
-    """configuration, n, seeds, the metrics as mean ± std, and the best run's top-1 with its seed."""
+    """configuration, n, seeds, the metrics as mean ± std, and the best run's top-1 (mAP) with its seed."""
     best = group.best
-    best_acc1 = group.metrics[best].get("acc1")
-    best_text = f"{best_acc1:.3f} (seed {group.seeds[best]})" if best_acc1 is not None else "-"
+    best_figure = group.metrics[best].get(group.ranking)
+    best_text = f"{best_figure:.3f} (seed {group.seeds[best]})" if best_figure is not None else "-"
     return [group.label, str(group.n), " ".join(str(seed) for seed in group.seeds),
-            *(_mean_std(group, metric) for metric, _ in _COLUMNS), best_text]
+            *(_mean_std(group, metric) for metric, _ in _columns(group)), best_text]
 
 
-def _headers() -> list[str]:
-    return ["configuration", "n", "seeds", *(title for _, title in _COLUMNS), "best top-1 (seed)"]
+def _headers(group: Group) -> list[str]:
+    return ["configuration", "n", "seeds", *(title for _, title in _columns(group)),
+            f"best {'mAP' if group.multi_label else 'top-1'} (seed)"]
 
 
 def _print_table(groups: list[Group], split: str, note: str) -> None:
@@ -439,7 +556,7 @@ def _print_table(groups: list[Group], split: str, note: str) -> None:
     from rich.text import Text
 
     table = Table(title=f"{split} split: mean ± sample std over seeds")
-    for index, header in enumerate(_headers()):
+    for index, header in enumerate(_headers(groups[0])):
         table.add_column(header, justify="left" if index in (0, 2) else "right")
     for group in groups:
         table.add_row(*(Text(cell) for cell in _table_cells(group)))  # Text: labels are not rich markup
@@ -466,7 +583,7 @@ def _write_markdown(groups: list[Group], split: str, note: str, path: Path) -> N
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
-    headers = _headers()
+    headers = _headers(groups[0])
     lines = [f"Comparison on the {split} split: mean ± sample std over seeds, best first.", "",
              line(headers), "|" + "|".join("---" if index in (0, 2) else "---:" for index in range(len(headers))) + "|"]
     lines += [line(_table_cells(group)) for group in groups]

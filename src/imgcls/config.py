@@ -94,6 +94,8 @@ class DataConfig:
     """Share of the training images to use (stratified, seeded): a quick first run on a subset."""
     per_class_limit: Optional[int] = None
     """At most this many training images per class (applied after `data.fraction`)."""
+    label_separator: str = "|"
+    """What joins the labels of one image in the `labels` column of a multi-label CSV manifest."""
 
 
 @dataclass
@@ -138,13 +140,23 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["ce", "focal"] = "ce"
-    """ce: cross-entropy; focal: focal loss, which down-weights easy examples (long-tailed data)."""
+    name: Literal["auto", "ce", "focal", "bce", "asl"] = "auto"
+    """auto: ce for single-label, bce for multi-label. ce: cross-entropy; focal: focal loss, which
+    down-weights easy examples (long-tailed data; per label for multi-label); bce: binary cross-entropy
+    per label (multi-label); asl: asymmetric loss (Ridnik et al. 2021, multi-label with many negatives:
+    easy negatives count less, and those below `asl_clip` not at all)."""
     label_smoothing: float = 0.0
     class_weights: Literal["none", "auto"] = "none"
-    """auto: weight each class by n_images / (n_classes * its training count), so rare classes count more."""
+    """auto: weight each class by n_images / (n_classes * its training count), so rare classes count
+    more; multi-label: each label's positives by its negatives / positives (bce's pos_weight)."""
     focal_gamma: float = 2.0
     """Focal loss focusing strength; 0 is cross-entropy."""
+    asl_gamma_negative: float = 4.0
+    """ASL focusing strength on negative labels (the paper's default)."""
+    asl_gamma_positive: float = 0.0
+    """ASL focusing strength on positive labels."""
+    asl_clip: float = 0.05
+    """ASL probability margin: a negative label predicted below this costs nothing."""
 
 
 @dataclass
@@ -159,8 +171,10 @@ class TrainConfig:
     """torch.compile the model: slower start (compilation, ~1 min), faster steps on long runs."""
     grad_clip: Optional[float] = None
     """Clip the gradient norm to this value; None: no clipping."""
-    monitor: Literal["val_acc1", "val_loss", "val_balanced_acc", "val_macro_f1"] = "val_acc1"
-    """Metric that picks the best checkpoint and drives early stopping and the plateau schedule."""
+    monitor: Literal["auto", "val_acc1", "val_loss", "val_balanced_acc", "val_macro_f1", "val_map", "val_f1_micro",
+                     "val_f1_macro", "val_subset_acc"] = "auto"
+    """Metric that picks the best checkpoint and drives early stopping and the plateau schedule. auto:
+    val_acc1 for single-label, val_map (mean average precision over the labels) for multi-label."""
     patience: Optional[int] = None
     """Stop after this many epochs without improvement of `train.monitor`; None: never stop early."""
     log_every: int = 200
@@ -198,6 +212,9 @@ class TrackingConfig:
 @dataclass
 class Config:
     seed: int = 42
+    task: Literal["auto", "single", "multi"] = "auto"
+    """single: one class per image (softmax); multi: any number of classes per image (one sigmoid per
+    class). auto: multi when the data is a manifest with a `labels` column, else single."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), or a torch device string such as `cpu` or `cuda:1`."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -337,6 +354,9 @@ def _check_ranges(config: Config) -> None:
         ("model.head_hidden", config.model.head_hidden is None or config.model.head_hidden >= 1, "must be at least 1"),
         ("optim.backbone_lr_ratio", config.optim.backbone_lr_ratio >= 0, "must be 0 or more"),
         ("loss.focal_gamma", config.loss.focal_gamma >= 0, "must be 0 or more"),
+        ("loss.asl_clip", 0 <= config.loss.asl_clip < 1, "must be in [0, 1)"),
+        ("data.label_separator", len(config.data.label_separator) >= 1 and config.data.label_separator != ",",
+         "must be one or more characters other than the CSV's comma"),
     ]
     for key, ok, requirement in checks:
         if not ok:

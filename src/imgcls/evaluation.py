@@ -28,15 +28,18 @@ log = logging.getLogger("imgcls")
 
 @torch.no_grad()
 def predict_loader(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, tta: str | None = None,
-                   flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   flip: bool = True, task=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits as float32 on CPU, labels) over a whole loader, in eval mode.
 
     With `tta` ("flip" or "crops", see `imgcls.prediction.augmented_views`; `flip=False` leaves the mirror
     image out), the logits are the log of the softmax averaged over the views: their softmax is the
-    test-time-augmented probability, and every metric reads them as it reads plain logits.
+    test-time-augmented probability, and every metric reads them as it reads plain logits (for a
+    multi-label `task`, the logits of the sigmoids averaged over the views).
     """
     from imgcls.prediction import augmented_views
+    from imgcls.tasks import SingleLabel
 
+    task = task or SingleLabel()
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in loader:
@@ -45,11 +48,7 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, runtime: Runtime,
         for view in views:
             with runtime.autocast():
                 outputs.append(model(runtime.to_device(view)).float().cpu())
-        if len(outputs) == 1:
-            all_logits.append(outputs[0])
-        else:  # log(mean_v softmax_v), in log space: a class every view finds unlikely must not give log(0)
-            log_probabilities = torch.stack([torch.log_softmax(output, dim=1) for output in outputs])
-            all_logits.append(torch.logsumexp(log_probabilities, dim=0) - np.log(len(outputs)))
+        all_logits.append(outputs[0] if len(outputs) == 1 else task.average_views(outputs))
         all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
@@ -277,25 +276,26 @@ def predict_split(classifier, run_dir: Path, split: str, data: str | None, batch
         (dataset, logits, labels, tag, title).
     """
     from imgcls.data import build_datasets, default_workers, make_loader, read_splits_csv, resolve_source
-    from imgcls.data.sources import DataSource
+    from imgcls.data.sources import as_task, labels_of
 
     config = classifier.metadata["config"]
+    separator = config["data"].get("label_separator", "|")
     if data is None:
         splits_csv = RunFolder(run_dir).splits
-        source = read_splits_csv(splits_csv, config["data"]["path"]) if splits_csv.exists() else None
+        source = read_splits_csv(splits_csv, config["data"]["path"], separator) if splits_csv.exists() else None
         if source is None:
             raise ImgclsError(f"{run_dir} has no splits.csv; pass --data to say what to evaluate")
         tag = split
     else:
-        source = resolve_source(data)
+        source = as_task(resolve_source(data, separator), classifier.task.name)
         if source.unsplit:  # a plain folder of class folders: evaluate on all of it
-            source = DataSource(name=source.name, splits={split: source.unsplit}, origin=source.origin)
+            source = source.replace(splits={split: source.unsplit}, unsplit=[])
         tag = f"{Path(source.name).name}_{split}"
     if split not in source.splits:
         available = ", ".join(sorted(source.splits)) or "none"
         raise ImgclsError(f"no '{split}' split in {source.origin or source.name}; available: {available}")
     samples = source.splits[split]
-    unknown = sorted({label for _, label in samples} - set(classifier.class_names))
+    unknown = sorted({name for _, label in samples for name in labels_of(label)} - set(classifier.class_names))
     if unknown:
         raise ImgclsError(
             f"class '{unknown[0]}' in {source.origin or source.name} is not one the model knows "
@@ -304,10 +304,11 @@ def predict_split(classifier, run_dir: Path, split: str, data: str | None, batch
         )
     # the run's own data: all its splits, so the decoded-image cache built for training is reused as is
     splits = source.splits if data is None else {split: samples}
-    prepared = build_datasets(splits, classifier.class_names, classifier.image_size, classifier.resize, cache="auto")
+    prepared = build_datasets(splits, classifier.class_names, classifier.image_size, classifier.resize, cache="auto",
+                              task=classifier.task.name)
     dataset = prepared.datasets[split]
     loader = make_loader(dataset, batch_size, workers=0 if prepared.cached else default_workers(False), shuffle=False)
-    logits, labels = predict_loader(classifier.model, loader, classifier.runtime)
+    logits, labels = predict_loader(classifier.model, loader, classifier.runtime, task=classifier.task)
     title = f"{Path(source.name).name} {split}" if data else split
     return dataset, logits, labels, tag, title
 
@@ -317,17 +318,43 @@ def calibrate(run: str | Path, device: str = "auto", target_precision: float = 0
     """Fit a softmax temperature on the run's validation split (Guo et al. 2017: one number, so the
     predicted classes never change) and choose the confidence threshold of `predict --reject auto`
     for `target_precision` on the calibrated probabilities; both are stored in the model artifact.
+    A multi-label model gets one decision threshold per label instead (the one maximising the label's
+    F1 on val; 0.5 for a label without positives there).
 
     Returns:
         the stored calibration: temperature, val NLL/ECE before and after, reject {threshold,
-        precision, coverage, target_precision}.
+        precision, coverage, target_precision}; multi-label: temperature 1, thresholds, val_f1_micro.
     """
-    from imgcls import analyze
     from imgcls.checkpoint import load_artifact, save_artifact
     from imgcls.prediction import find_artifact, load
 
     classifier = load(run, device)
     _, logits, labels, _, _ = predict_split(classifier, _run_folder(run), "val", None, batch_size)
+    if classifier.task.name == "multi":
+        calibration = _multilabel_calibration(logits, labels)
+    else:
+        calibration = _temperature_calibration(logits, labels, target_precision)
+    artifact = find_artifact(run)
+    state_dict, metadata = load_artifact(artifact)
+    metadata["calibration"] = calibration
+    save_artifact(artifact, state_dict, metadata)
+    return calibration
+
+
+def _multilabel_calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """One threshold per label, maximising its F1 on val (see imgcls.multilabel.choose_thresholds);
+    the probabilities themselves are left as they are (temperature 1)."""
+    from imgcls import multilabel
+
+    thresholds = multilabel.choose_thresholds(logits, labels)
+    return {"temperature": 1.0, "fitted_on": "val", "thresholds": thresholds,
+            "val_f1_micro": {"at_0.5": multilabel.compute_metrics(logits, labels)["f1_micro"],
+                             "at_thresholds": multilabel.compute_metrics(logits, labels, thresholds)["f1_micro"]}}
+
+
+def _temperature_calibration(logits: torch.Tensor, labels: torch.Tensor, target_precision: float) -> dict[str, Any]:
+    from imgcls import analyze
+
     errors = int((logits.argmax(dim=1) != labels).sum())
     # a temperature fitted on a split without errors only sharpens (T < 1): overconfident on new data
     temperature = analyze.fit_temperature(logits, labels) if errors and len(labels) >= 20 else 1.0
@@ -341,10 +368,6 @@ def calibrate(run: str | Path, device: str = "auto", target_precision: float = 0
                     "after": analyze.expected_calibration_error(calibrated, labels)},
         "reject": analyze.rejection_threshold(calibrated, labels, target_precision),
     }
-    artifact = find_artifact(run)
-    state_dict, metadata = load_artifact(artifact)
-    metadata["calibration"] = calibration
-    save_artifact(artifact, state_dict, metadata)
     return calibration
 
 
@@ -370,6 +393,15 @@ def evaluate(run: str | Path, split: str = "test", data: str | None = None, devi
     classifier = load(run, device)
     run_dir = _run_folder(run)
     dataset, logits, labels, tag, title = predict_split(classifier, run_dir, split, data, batch_size)
+    if classifier.task.name == "multi":
+        from imgcls.multilabel import evaluate_split
+
+        metrics = evaluate_split(classifier, run_dir, tag, title, dataset, logits, labels, explain, quiet)
+        if tta:
+            metrics["tta"] = _tta_metrics(classifier, dataset, batch_size, tta)
+            (run_dir / f"metrics_{tag}.json").write_text(json.dumps(metrics, indent=2))
+        save_curves(run_dir, classifier.metadata["config"]["train"]["monitor"])
+        return metrics
     metrics = compute_metrics(logits, labels)
     report = per_class_report(logits, labels, classifier.class_names)
     calibration = classifier.metadata.get("calibration") or {}
@@ -408,11 +440,13 @@ def _tta_metrics(classifier, dataset, batch_size: int, tta: str) -> dict[str, An
     if not classifier.flip_allowed:
         log.info("TTA without the mirror image: the model was trained with data.horizontal_flip=false")
     loader = make_loader(dataset, batch_size, workers=0, shuffle=False)
-    logits, labels = predict_loader(classifier.model, loader, classifier.runtime, tta, classifier.flip_allowed)
+    task = classifier.task
+    logits, labels = predict_loader(classifier.model, loader, classifier.runtime, tta, classifier.flip_allowed, task)
     views = len(augmented_views(np.zeros((1, 3, 4, 4), np.uint8), tta, classifier.flip_allowed))
-    figures = compute_metrics(logits, labels)
+    thresholds = task.decision(classifier.metadata, None, None) if task.name == "multi" else None
+    figures = task.metrics(logits, labels, thresholds)
     return {"mode": tta, "views": views, "flip": classifier.flip_allowed,
-            **{key: figures[key] for key in ("acc1", "acc5", "balanced_acc", "macro_f1", "loss")}}
+            **{key: value for key, value in figures.items() if key != "n"}}
 
 
 def _print_analysis(analysis: dict[str, Any]) -> None:

@@ -378,7 +378,7 @@ def save_gradcam_gallery(model: nn.Module, rows: Sequence[dict[str, Any]], class
         tile = tiles[position]
         image_axis.imshow(tile if tile is not None else grey)
         overlay_axis.imshow(overlays.get(position, grey))
-        correct = row["true"] == row["predicted"]
+        correct = row.get("correct", row["true"] == row["predicted"])  # a multi-label row says it
         caption = f"{row['true']} → {row['predicted']} ({float(row['confidence']):.2f})"
         image_axis.set_title(f"{caption}\n{short_name(row['path'], 28)}", fontsize=7,
                              color="tab:green" if correct else "tab:red")

@@ -54,15 +54,18 @@ BATCH = 64
 
 class ExportedModel(nn.Module):
     """The exported graph: uint8 RGB NCHW images -> (probabilities, logits), probabilities being the
-    softmax of the logits divided by the calibrated temperature (what `predict` answers)."""
+    softmax of the logits divided by the calibrated temperature (what `predict` answers); for a
+    multi-label model, their sigmoids."""
 
-    def __init__(self, model: nn.Module, temperature: float):
+    def __init__(self, model: nn.Module, temperature: float, multi_label: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.multi_label = model, multi_label
         self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(images).float()
+        if self.multi_label:  # one probability per label: the answer is the labels that reach their thresholds
+            return torch.sigmoid(logits / self.temperature), logits
         return torch.softmax(logits / self.temperature, dim=1), logits
 
 
@@ -131,7 +134,7 @@ def export(run: str | Path, formats: Iterable[Format] = ("onnx",), out: str | Pa
     atomic_write(out / "export.json", (json.dumps(result, indent=2) + "\n").encode())
     log.info(f"wrote {out / 'export.json'}")
     if failures:
-        figures = "; ".join(f"{name}: top-1 agreement {result['formats'][name]['parity']['top1_agreement']:.4f}, "
+        figures = "; ".join(f"{name}: agreement {result['formats'][name]['parity']['agreement']:.4f}, "
                             f"max |Δp| {result['formats'][name]['parity']['max_abs_difference']:.2e}"
                             for name in failures)
         raise ImgclsError(f"export parity failed ({figures}; needs >= {PARITY_AGREEMENT} and <= "
@@ -142,8 +145,8 @@ def export(run: str | Path, formats: Iterable[Format] = ("onnx",), out: str | Pa
 def _say(name: str, entry: dict[str, Any]) -> None:
     parity = entry["parity"]
     line = (f"{name}: {entry['path']}{'' if entry['kept'] else ' NOT WRITTEN'} ({entry['bytes'] / 2**20:.1f} MiB); "
-            f"top-1 agreement with {'the fp32 ONNX model' if name == 'onnx_int8' else 'PyTorch'} "
-            f"{parity['top1_agreement']:.2%} of {parity['images']} images, max |Δp| {parity['max_abs_difference']:.1e}")
+            f"{'top-1' if 'top1_agreement' in parity else 'label-set'} agreement with "
+            f"{'the fp32 ONNX model' if name == 'onnx_int8' else 'PyTorch'} {parity['agreement']:.2%} of {parity['images']} images, max |Δp| {parity['max_abs_difference']:.1e}")
     if "accuracy" in entry:
         accuracy = entry["accuracy"]
         line += (f"; test accuracy {accuracy['int8']:.2%} vs fp32 {accuracy['fp32']:.2%} "
@@ -159,11 +162,13 @@ def parity_image_set(predictor: Predictor, run_dir: Path, split: str, limit: int
     """Up to `limit` images of the run's `split` (val when it has none), drawn by a seeded shuffle and
     decoded as in evaluation; generated images when none of the files can be read (the data is gone)."""
     from imgcls.data import read_splits_csv
+    from imgcls.data.sources import labels_of
 
     config = predictor.metadata.get("config") or {}
     source = None
     if RunFolder(run_dir).splits.is_file():
-        source = read_splits_csv(RunFolder(run_dir).splits, (config.get("data") or {}).get("path", ""))
+        data = config.get("data") or {}
+        source = read_splits_csv(RunFolder(run_dir).splits, data.get("path", ""), data.get("label_separator", "|"))
     samples, used = [], split
     if source is not None:
         used = split if source.splits.get(split) else "val" if split == "test" and source.splits.get("val") else split
@@ -177,7 +182,8 @@ def parity_image_set(predictor: Predictor, run_dir: Path, split: str, limit: int
             images.append(predictor.read(path))
         except Exception:  # a moved or deleted file: the check uses the images that remain
             continue
-        labels.append(index.get(label, -1))
+        labels.append(predictor.task.targets([label], predictor.class_names)[0] if set(labels_of(label)) <= index.keys()
+                      else -1)
         if len(images) >= limit:
             break
     if images:
@@ -203,10 +209,14 @@ def _probabilities(predictor: Predictor, images: np.ndarray) -> np.ndarray:
     return np.concatenate([predictor.forward(images[start:start + BATCH]) for start in range(0, len(images), BATCH)])
 
 
-def _parity(reference: np.ndarray, probabilities: np.ndarray, bar: bool = True) -> dict[str, Any]:
-    agreement = float(np.mean(reference.argmax(axis=1) == probabilities.argmax(axis=1)))
+def _parity(predictor: Predictor, reference: np.ndarray, probabilities: np.ndarray, bar: bool = True) -> dict[str, Any]:
+    """How alike two models answer: the share of images with the same top-1 class (multi-label: the same
+    label set at the stored thresholds) as `agreement` and under its own name, and the largest
+    difference of a probability."""
+    agreement = predictor.task.agreement(reference, probabilities, predictor.decision())
     difference = float(np.abs(reference - probabilities).max())
-    figures = {"images": len(reference), "top1_agreement": agreement, "max_abs_difference": difference}
+    name = "label_set_agreement" if predictor.task.name == "multi" else "top1_agreement"
+    figures = {"images": len(reference), "agreement": agreement, name: agreement, "max_abs_difference": difference}
     if bar:
         figures["passed"] = agreement >= PARITY_AGREEMENT and difference <= PARITY_MAX_DIFFERENCE
     return figures
@@ -243,7 +253,11 @@ def onnx_metadata(predictor: Predictor) -> dict[str, str]:
         "image_size": str(predictor.image_size),
         "resize": predictor.resize,
         "input": "images: uint8 RGB NCHW, 0..255 (normalised inside the graph)",
-        "outputs": "probabilities (softmax of logits / temperature), logits",
+        "task": predictor.task.name,
+        "outputs": ("probabilities (sigmoid of each logit: multi-label; a label is answered when it reaches its "
+                    "threshold), logits" if predictor.task.name == "multi" else
+                    "probabilities (softmax of logits / temperature), logits"),
+        "thresholds": json.dumps(calibration.get("thresholds")),
         "temperature": repr(predictor.temperature),
         "reject_threshold": json.dumps((calibration.get("reject") or {}).get("threshold")),
         "imgcls_version": imgcls_version(),
@@ -257,7 +271,7 @@ def onnx_program(classifier: Classifier):
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ImgclsError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'imgcls[export]'") from None
-    wrapped = ExportedModel(classifier.model, classifier.temperature).eval()
+    wrapped = ExportedModel(classifier.model, classifier.temperature, classifier.task.name == "multi").eval()
     example = torch.zeros(2, 3, classifier.image_size, classifier.image_size, dtype=torch.uint8)
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
@@ -278,10 +292,10 @@ def onnx_in_memory(classifier: Classifier, images: int = 64, spinning: bool = Tr
     _plain_layout(classifier)
     exported = OnnxClassifier(onnx_program(classifier).model_proto.SerializeToString(), spinning=spinning)
     generated = generated_images(images, classifier.image_size, seed=0)
-    figures = _parity(_probabilities(classifier, generated), _probabilities(exported, generated))
+    figures = _parity(classifier, _probabilities(classifier, generated), _probabilities(exported, generated))
     if not figures["passed"]:
-        raise ImgclsError(f"the model exported to ONNX disagrees with PyTorch (top-1 agreement "
-                          f"{figures['top1_agreement']:.3f}, max |Δp| {figures['max_abs_difference']:.1e}); "
+        raise ImgclsError(f"the model exported to ONNX disagrees with PyTorch (agreement "
+                          f"{figures['agreement']:.3f}, max |Δp| {figures['max_abs_difference']:.1e}); "
                           "serve it with --engine torch")
     return exported
 
@@ -298,7 +312,7 @@ def _write_onnx(classifier: Classifier, path: Path, parity: ParityImages, refere
         program = onnx_program(classifier)
         program.save(str(staging))
         exported = OnnxClassifier(staging)
-        figures = _parity(reference, _probabilities(exported, parity.images))
+        figures = _parity(classifier, reference, _probabilities(exported, parity.images))
         return _publish(staging, path, figures, opset=_opset(program))
     finally:
         staging.unlink(missing_ok=True)
@@ -330,7 +344,7 @@ class _quiet_exporter:
 
 
 def _write_pt2(classifier: Classifier, path: Path, parity: ParityImages, reference: np.ndarray) -> dict[str, Any]:
-    wrapped = ExportedModel(classifier.model, classifier.temperature).eval()
+    wrapped = ExportedModel(classifier.model, classifier.temperature, classifier.task.name == "multi").eval()
     example = torch.zeros(2, 3, classifier.image_size, classifier.image_size, dtype=torch.uint8)
     staging = _staging(path)
     try:
@@ -343,7 +357,7 @@ def _write_pt2(classifier: Classifier, path: Path, parity: ParityImages, referen
         with torch.no_grad():
             for start in range(0, len(parity.images), BATCH):
                 probabilities.append(loaded(torch.from_numpy(parity.images[start:start + BATCH]))[0].numpy())
-        return _publish(staging, path, _parity(reference, np.concatenate(probabilities)))
+        return _publish(staging, path, _parity(classifier, reference, np.concatenate(probabilities)))
     finally:
         staging.unlink(missing_ok=True)
 
@@ -390,14 +404,15 @@ def _write_int8(fp32_path: Path, path: Path, classifier: Classifier, run_dir: Pa
     calibration = parity_image_set(classifier, run_dir, "train", CALIBRATION_IMAGES, seed=1)
     quantize_int8(fp32_path, path, calibration.images)
     fp32, int8 = OnnxClassifier(fp32_path), OnnxClassifier(path)
-    figures = _parity(_probabilities(fp32, parity.images), _probabilities(int8, parity.images), bar=False)
+    figures = _parity(fp32, _probabilities(fp32, parity.images), _probabilities(int8, parity.images), bar=False)
     entry = {"path": str(path), "bytes": path.stat().st_size, "kept": True, "parity": figures,
              "calibration_images": calibration.source}
     test = parity_image_set(classifier, run_dir, "test", INT8_ACCURACY_IMAGES, seed=0)
     if test.labels is not None:
-        truth = test.labels
-        accuracy_fp32 = float(np.mean(_probabilities(fp32, test.images).argmax(axis=1) == truth))
-        accuracy_int8 = float(np.mean(_probabilities(int8, test.images).argmax(axis=1) == truth))
+        truth, task, decision = test.labels, classifier.task, classifier.decision()
+        # top-1 accuracy; multi-label: subset accuracy (the whole label set right) at the stored thresholds
+        accuracy_fp32 = float(np.mean(task.right(_probabilities(fp32, test.images), truth, decision)))
+        accuracy_int8 = float(np.mean(task.right(_probabilities(int8, test.images), truth, decision)))
         lost = 100 * (accuracy_fp32 - accuracy_int8)
         entry["accuracy"] = {"images": len(truth), "source": test.source, "fp32": accuracy_fp32, "int8": accuracy_int8,
                              "points_lost": lost}

@@ -23,6 +23,7 @@ import numpy as np
 
 from imgcls.data.images import is_image_file, load_square
 from imgcls.errors import ImgclsError
+from imgcls.tasks import UNKNOWN, Task, get_task
 from imgcls.tracking import RunFolder
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ __all__ = ["Predictor", "Classifier", "OnnxClassifier", "load", "predict", "find
            "write_predictions_csv", "augmented_views", "imgcls_version", "ONNX_METADATA_KEY"]
 
 log = logging.getLogger("imgcls")
-
-UNKNOWN = "unknown"  # the label of a rejected prediction (`predict --reject`)
 
 # The ONNX model's metadata_props key holding the artifact's metadata (class names, preprocessing,
 # calibration, metrics) as JSON; the separate keys written beside it are for people reading the file.
@@ -104,6 +103,11 @@ class Predictor:
         return self.metadata["class_names"]
 
     @property
+    def task(self) -> Task:
+        """Single-label (softmax, one class) or multi-label (a sigmoid per class, a set of them)."""
+        return get_task(self.metadata.get("task") or "single")
+
+    @property
     def image_size(self) -> int:
         return self.metadata["preprocessing"]["image_size"]
 
@@ -122,35 +126,27 @@ class Predictor:
         return bool(((self.metadata.get("config") or {}).get("data") or {}).get("horizontal_flip", True))
 
     def reject_threshold(self, reject: str | float | None) -> float | None:
-        """The confidence below which `predict` answers `unknown`: None (never), a number, or "auto":
-        the threshold chosen on the validation split for the target precision, stored in the artifact.
+        """The confidence below which a single-label `predict` answers `unknown`: None (never), a number,
+        or "auto": the threshold chosen on the validation split for the target precision, stored in the
+        artifact.
 
         Raises:
             ImgclsError: "auto" for an artifact without a stored threshold, or a number outside (0, 1).
         """
-        if reject is None:
-            return None
-        if reject == "auto":
-            stored = (self.metadata.get("calibration") or {}).get("reject") or {}
-            if stored.get("threshold") is None:
-                reason = stored.get("reason", "it was trained before imgcls stored one")
-                raise ImgclsError(f"--reject auto: this model has no stored threshold ({reason}); "
-                                  "give a confidence instead, e.g. --reject 0.8")
-            return float(stored["threshold"])
-        try:
-            threshold = float(reject)
-        except ValueError:
-            raise ImgclsError(f"--reject {reject}: use auto or a confidence between 0 and 1") from None
-        if not 0 < threshold < 1:
-            raise ImgclsError(f"--reject {reject}: use auto or a confidence between 0 and 1")
-        return threshold
+        return self.task.decision(self.metadata, reject, None)
+
+    def decision(self, reject: str | float | None = None, threshold: float | None = None):
+        """What `answers` decides with (see `Task.decision`): the reject confidence of a single-label
+        model, or the per-label thresholds of a multi-label one (the stored ones; all `threshold`)."""
+        return self.task.decision(self.metadata, reject, threshold)
 
     def read(self, path: str | Path) -> np.ndarray:
         """Decode one file exactly as in evaluation: `image_size` square, uint8 HWC."""
         return load_square(path, self.image_size, self.resize)
 
     def forward(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities (float32, N x classes) of a uint8 NCHW batch."""
+        """Calibrated probabilities (float32, N x classes) of a uint8 NCHW batch: a softmax, or one
+        sigmoid per class for a multi-label model."""
         raise NotImplementedError
 
     def batch_probabilities(self, images: np.ndarray, tta: TestTimeAugmentation | None = None) -> np.ndarray:
@@ -160,46 +156,45 @@ class Predictor:
             return self.forward(images)
         return np.mean([self.forward(view) for view in views], axis=0, dtype=np.float32)
 
-    def answers(self, probabilities: np.ndarray, topk: int = 5, threshold: float | None = None) -> list[dict[str, Any]]:
-        """label, confidence and label_k/prob_k for each row of probabilities (`unknown` below `threshold`)."""
-        topk = max(1, min(topk, len(self.class_names)))
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :topk]
-        rows = []
-        for values, indices in zip(np.take_along_axis(probabilities, order, axis=1).tolist(), order.tolist()):
-            accepted = threshold is None or values[0] >= threshold
-            row: dict[str, Any] = {"label": self.class_names[indices[0]] if accepted else UNKNOWN,
-                                   "confidence": values[0]}
-            for rank, (value, index) in enumerate(zip(values, indices), start=1):
-                row[f"label_{rank}"], row[f"prob_{rank}"] = self.class_names[index], value
-            rows.append(row)
-        return rows
+    def answers(self, probabilities: np.ndarray, topk: int = 5, decision: Any = None) -> list[dict[str, Any]]:
+        """Single-label: label, confidence and label_k/prob_k for each row of probabilities (`unknown`
+        below the `decision` confidence). Multi-label: labels (joined by |), label_set and prob_<class>,
+        deciding with `decision` (per-label thresholds; default: the stored ones)."""
+        if decision is None and self.task.name == "multi":
+            decision = self.decision()
+        return self.task.answers(probabilities, self.class_names, topk, decision)
 
-    def rows_for(self, images: np.ndarray, topk: int = 5, threshold: float | None = None,
+    def rows_for(self, images: np.ndarray, topk: int = 5, decision: Any = None,
                  tta: TestTimeAugmentation | None = None) -> list[dict[str, Any]]:
         """`answers` for a uint8 NHWC batch."""
         probabilities = self.batch_probabilities(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), tta)
-        return self.answers(probabilities, topk, threshold)
+        return self.answers(probabilities, topk, decision)
 
     def predict(self, paths: Iterable[str | Path], topk: int = 5, batch_size: int = 64,
-                reject: str | float | None = None, tta: TestTimeAugmentation | None = None) -> list[dict[str, Any]]:
-        """One row per file: path, label, confidence, top-k labels and probabilities; unreadable files
-        get an `error` and no label, and the others are still predicted. With `reject` ("auto" or a
-        confidence), a prediction less confident than the threshold gets the label `unknown` (its
-        top-k columns still say what the model thought). `tta` averages the probabilities over the
-        image and its mirror (flip), and shifted crops (crops): see `augmented_views`."""
-        threshold = self.reject_threshold(reject)
+                reject: str | float | None = None, tta: TestTimeAugmentation | None = None,
+                threshold: float | None = None) -> list[dict[str, Any]]:
+        """One row per file: path, label, confidence, top-k labels and probabilities (multi-label:
+        path, labels, label_set, prob_<class>); unreadable files get an `error` and no label, and the
+        others are still predicted. With `reject` ("auto" or a confidence), a single-label prediction
+        less confident than the threshold gets the label `unknown` (its top-k columns still say what
+        the model thought); `threshold` sets every label's threshold of a multi-label model (default:
+        the ones chosen on val). `tta` averages the probabilities over the image and its mirror (flip),
+        and shifted crops (crops): see `augmented_views`."""
+        decision = self.decision(reject, threshold)
         rows: list[dict[str, Any]] = []
         pending: list[tuple[dict, np.ndarray]] = []
 
         def flush() -> None:
             if pending:
-                predicted = self.rows_for(np.stack([image for _, image in pending]), topk, threshold, tta)
+                predicted = self.rows_for(np.stack([image for _, image in pending]), topk, decision, tta)
                 for (row, _), answer in zip(pending, predicted):
                     row.update(answer)
                 pending.clear()
 
         for path in paths:
-            row: dict[str, Any] = {"path": str(path), "label": "", "confidence": None, "error": ""}
+            row: dict[str, Any] = ({"path": str(path), "labels": "", "label_set": [], "error": ""}
+                                   if self.task.name == "multi" else
+                                   {"path": str(path), "label": "", "confidence": None, "error": ""})
             rows.append(row)
             try:
                 pending.append((row, self.read(path)))
@@ -221,12 +216,12 @@ class Classifier(Predictor):
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities (float32, on CPU) for a uint8 NCHW batch: the softmax of the
-        logits divided by the stored temperature."""
+        logits divided by the stored temperature (multi-label: their sigmoids)."""
         import torch
 
         with torch.no_grad(), self.runtime.autocast():
-            logits = self.model(self.runtime.to_device(images))
-        return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+            logits = self.model(self.runtime.to_device(images)).float() / self.temperature
+        return (torch.sigmoid(logits) if self.task.name == "multi" else torch.softmax(logits, dim=1)).cpu()
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         import torch
@@ -237,8 +232,8 @@ class Classifier(Predictor):
 class OnnxClassifier(Predictor):
     """An ONNX model written by `imgcls export`, run by ONNX Runtime: needs neither torch nor timm.
 
-    The graph takes uint8 RGB NCHW images and outputs `probabilities` (temperature-scaled softmax) and
-    `logits`; the metadata (class names, preprocessing, calibration) is in the file's metadata_props.
+    The graph takes uint8 RGB NCHW images and outputs `probabilities` (temperature-scaled softmax, or
+    sigmoids for a multi-label model) and `logits`; the metadata (class names, preprocessing, calibration) is in the file's metadata_props.
     """
 
     def __init__(self, model: str | Path | bytes, threads: int | None = None, spinning: bool = True):
@@ -303,10 +298,12 @@ def load(run: str | Path, device: str = "auto") -> Predictor:
 
 
 def predict(run: str | Path, paths: Iterable[str | Path], topk: int = 5, device: str = "auto",
-            reject: str | float | None = None, tta: TestTimeAugmentation | None = None) -> list[dict]:
+            reject: str | float | None = None, tta: TestTimeAugmentation | None = None,
+            threshold: float | None = None) -> list[dict]:
     """Predict image files with a run's model (or an ONNX file): one dict per file (see
-    `Predictor.predict`); `reject` ("auto" or a confidence) answers `unknown` below the threshold."""
-    return load(run, device).predict(paths, topk=topk, reject=reject, tta=tta)
+    `Predictor.predict`); `reject` ("auto" or a confidence) answers `unknown` below the threshold;
+    `threshold` overrides a multi-label model's per-label thresholds."""
+    return load(run, device).predict(paths, topk=topk, reject=reject, tta=tta, threshold=threshold)
 
 
 def expand_paths(inputs: Iterable[str]) -> list[str]:
@@ -330,13 +327,13 @@ def expand_paths(inputs: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def write_predictions_csv(path: str | Path | TextIO, rows: list[dict[str, Any]], topk: int) -> None:
-    """Columns: path, label, confidence, label_1, prob_1, ..., label_k, prob_k, error. `path` may be an
-    open text file (e.g. sys.stdout)."""
-    columns = ["path", "label", "confidence"]
-    for rank in range(1, topk + 1):
-        columns += [f"label_{rank}", f"prob_{rank}"]
-    columns.append("error")
+def write_predictions_csv(path: str | Path | TextIO, rows: list[dict[str, Any]], topk: int,
+                          predictor: Predictor | None = None) -> None:
+    """Columns: path, label, confidence, label_1, prob_1, ..., label_k, prob_k, error; for a multi-label
+    `predictor`: path, labels (joined by |, possibly empty), prob_<class> for every class, error. `path`
+    may be an open text file (e.g. sys.stdout)."""
+    columns = (predictor.task if predictor is not None else get_task("single")).prediction_columns(
+        predictor.class_names if predictor is not None else [], topk)
     with (open(path, "w", newline="") if isinstance(path, (str, Path)) else contextlib.nullcontext(path)) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -158,16 +158,31 @@ def _choose_tag(run: _RunReader, split: str | None, split_counts: dict[str, dict
     return RunFolder.final_split(split_counts or ())
 
 
-def _split_counts(rows: list[dict[str, str]] | None) -> dict[str, dict[str, int]] | None:
-    """{split: {class: images}} from splits.csv rows (path,label,split)."""
+def _split_counts(rows: list[dict[str, str]] | None, separator: str = "|") -> dict[str, dict[str, int]] | None:
+    """{split: {class: images}} from splits.csv rows (path,label,split; multi-label: path,labels,split,
+    where an image counts for each of its labels)."""
     if rows is None:
         return None
     counts: dict[str, dict[str, int]] = {}
     for row in rows:
-        split, label = row.get("split") or "unsplit", row.get("label") or "?"
+        split = row.get("split") or "unsplit"
+        if "labels" in row:
+            labels = [name for name in (row["labels"] or "").split(separator) if name] or ["(none of the labels)"]
+        else:
+            labels = [row.get("label") or "?"]
         counts.setdefault(split, {})
-        counts[split][label] = counts[split].get(label, 0) + 1
+        for label in labels:
+            counts[split][label] = counts[split].get(label, 0) + 1
     return counts
+
+
+def _image_totals(rows: list[dict[str, str]] | None) -> dict[str, int]:
+    """Images per split of splits.csv."""
+    totals: dict[str, int] = {}
+    for row in rows or []:
+        split = row.get("split") or "unsplit"
+        totals[split] = totals.get(split, 0) + 1
+    return totals
 
 
 def _tta_section(tta: Any) -> dict[str, Any] | None:
@@ -181,7 +196,7 @@ def _tta_section(tta: Any) -> dict[str, Any] | None:
 
 
 def _data_section(run: _RunReader, counts: dict[str, dict[str, int]] | None,
-                  class_names: list[str] | None) -> dict[str, Any]:
+                  class_names: list[str] | None, totals: dict[str, int] | None = None) -> dict[str, Any]:
     bad_text = run.text(run.files.bad_images.name)
     bad = [line.split("\t", 1) for line in (bad_text or "").splitlines() if line.strip()]
     section: dict[str, Any] = {
@@ -196,7 +211,8 @@ def _data_section(run: _RunReader, counts: dict[str, dict[str, int]] | None,
     classes = [name for name in (class_names or []) if name in labels] + sorted(labels - set(class_names or []))
     section["splits"] = splits
     section["rows"] = [(name, [counts[split].get(name, 0) for split in splits]) for name in classes]
-    section["totals"] = [sum(counts[split].values()) for split in splits]
+    # images, not labels: a multi-label image counts once here and once per label above
+    section["totals"] = [totals[split] if totals else sum(counts[split].values()) for split in splits]
     train = counts.get("train") or counts.get(splits[0], {})
     if train and min(train.values()) > 0:
         section["imbalance"] = max(train.values()) / min(train.values())
@@ -362,7 +378,8 @@ def _gather(run_dir: Path, split: str | None) -> dict[str, Any]:
     class_names = _dict(metadata).get("class_names")
     if not isinstance(class_names, list):
         class_names = None
-    counts = _split_counts(run.csv(run.files.splits.name))
+    split_rows = run.csv(run.files.splits.name)
+    counts = _split_counts(split_rows, _dict(config.get("data")).get("label_separator") or "|")
     tag = _choose_tag(run, split, counts)
 
     metrics = run.json(f"metrics_{tag}.json")
@@ -399,7 +416,7 @@ def _gather(run_dir: Path, split: str | None) -> dict[str, Any]:
             "loss": _number(metrics.get("loss")), "n": _number(metrics.get("n")),
             "tta": _tta_section(metrics.get("tta")),
         },
-        "data": _data_section(run, counts, class_names),
+        "data": _data_section(run, counts, class_names, _image_totals(split_rows)),
         "curves": curves,
         "per_class": per_class,
         "confusion": run.image(f"confusion_{tag}.png"),
@@ -425,7 +442,59 @@ def _gather(run_dir: Path, split: str | None) -> dict[str, Any]:
     }
     context["highlights"] = _highlights(tag, metrics, pairs, per_class, calibration, curves)
     context["problems"] = run.problems
+    context["multi_label"] = _dict(metadata).get("task") == "multi" or "map" in _dict(metrics)
+    if context["multi_label"]:
+        context.update(_multilabel_sections(run, tag, metrics, analysis, metadata))
+        context["highlights"] = _multilabel_highlights(tag, context, curves)
     return context
+
+
+def _multilabel_sections(run: _RunReader, tag: str, metrics: dict[str, Any] | None, analysis: dict[str, Any] | None,
+                         metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """What report_multilabel.html.j2 shows instead of the single-label sections."""
+    metrics = _dict(metrics)
+    figures = {key: _number(metrics.get(key)) for key in ("map", "f1_micro", "f1_macro", "subset_acc", "hamming_loss",
+                                                           "loss", "n")}
+    half = _dict(metrics.get("at_0.5"))
+    tta = _dict(metrics.get("tta"))
+    stored = _dict(_dict(_dict(metadata).get("calibration")).get("val_f1_micro"))
+    return {
+        "metrics": None if not metrics else {
+            **figures,
+            "at_half": {key: _number(half.get(key)) for key in ("f1_micro", "subset_acc")} if half else None,
+            "tta": {"mode": tta.get("mode"), "views": tta.get("views"),
+                    **{key: _number(tta.get(key)) for key in ("map", "f1_micro", "f1_macro", "subset_acc", "loss")}}
+            if tta else None,
+        },
+        "per_label": [{"class": row.get("class"), **{key: _number(row.get(key)) for key in
+                                                     ("ap", "precision", "recall", "f1", "support", "threshold")}}
+                      for row in _dicts(_dict(analysis).get("per_label"))] or None,
+        "confused": _dicts(_dict(analysis).get("confused")) if analysis else None,
+        "pr_curves": run.image(f"pr_curves_{tag}.png"),
+        "cooccurrence": run.image(f"cooccurrence_{tag}.png"),
+        "false_positives": run.image(f"false_positives_{tag}.png"),
+        "false_negatives": run.image(f"false_negatives_{tag}.png"),
+        "calibration_multilabel": {"at_half": _number(stored.get("at_0.5")),
+                                   "at_thresholds": _number(stored.get("at_thresholds"))} if stored else None,
+    }
+
+
+def _multilabel_highlights(tag: str, context: dict[str, Any], curves: dict[str, Any]) -> list[str]:
+    lines = []
+    metrics = context["metrics"]
+    if metrics and metrics["map"] is not None:
+        lines.append(f"mAP on {tag}: {metrics['map']:.3f} over {int(metrics['n'] or 0):,} images; the whole label set "
+                     f"is right on {metrics['subset_acc']:.1%} of them.")
+    worst = [row for row in context["per_label"] or [] if row["ap"] is not None]
+    if worst:
+        lines.append(f"Weakest label: {worst[0]['class']} (AP {worst[0]['ap']:.3f}, F1 {worst[0]['f1']:.3f}).")
+    if context["confused"]:
+        pair = context["confused"][0]
+        lines.append(f"Most often predicted in place of another: {pair.get('predicted_instead')} where "
+                     f"{pair.get('missed')} was missed ({pair.get('images')} images).")
+    if curves["overfit_epoch"] is not None:
+        lines.append(f"Validation loss rises after epoch {curves['overfit_epoch']}: later epochs overfit.")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,7 +533,8 @@ def _render(context: dict[str, Any]) -> str:
     environment = jinja2.Environment(loader=jinja2.PackageLoader("imgcls", "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False)
     environment.filters.update(percent=_percent, fixed=_fixed, count=_count, general=_general)
-    return environment.get_template("report.html.j2").render(**context)
+    template = "report_multilabel.html.j2" if context.get("multi_label") else "report.html.j2"
+    return environment.get_template(template).render(**context)
 
 
 def write_report(run_dir: str | Path, split: str | None = None, path: str | Path | None = None) -> Path:

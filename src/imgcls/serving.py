@@ -243,7 +243,11 @@ def _decode(name: str, data: bytes, size: int, resize: str) -> np.ndarray:
 
 
 def _answer(filename: str, row: dict[str, Any], topk: int) -> dict[str, Any]:
-    """A `Predictor.answers` row in the API's shape."""
+    """A `Predictor.answers` row in the API's shape (multi-label: the label set and every label's
+    probability)."""
+    if "label_set" in row:
+        return {"filename": filename, "labels": row["label_set"],
+                "probabilities": {key.removeprefix("prob_"): value for key, value in row.items() if key.startswith("prob_")}}
     ranks = range(1, topk + 1)
     return {"filename": filename, "label": row["label"], "confidence": row["confidence"],
             "topk": [{"label": row[f"label_{rank}"], "probability": row[f"prob_{rank}"]} for rank in ranks]}
@@ -299,10 +303,12 @@ def create_app(predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 0
 
     @app.post("/predict", openapi_extra=upload_schema,
               summary="Classify one or more images (multipart field 'file')")
-    async def predict(request: Request, reject: str | None = None, topk: int = 5) -> dict[str, Any]:
+    async def predict(request: Request, reject: str | None = None, topk: int = 5,
+                      threshold: float | None = None) -> dict[str, Any]:
         """Top-k labels with calibrated probabilities; `reject=auto` (the stored threshold) or a
-        confidence answers `unknown` below it."""
-        threshold = predictor.reject_threshold(reject)
+        confidence answers `unknown` below it. A multi-label model answers the set of labels that reach
+        their thresholds (the stored ones; `threshold` for all), with every label's probability."""
+        decision = predictor.decision(reject, threshold)
         topk = max(1, min(topk, len(predictor.class_names)))
         files = await _uploaded_files(request)
         loop = asyncio.get_running_loop()
@@ -313,7 +319,7 @@ def create_app(predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 0
             if isinstance(outcome, BaseException):
                 raise outcome
         probabilities = await batcher.probabilities(list(images))
-        rows = predictor.answers(np.stack(probabilities), topk, threshold)
+        rows = predictor.answers(np.stack(probabilities), topk, decision)
         return {"predictions": [_answer(name, row, topk) for (name, _), row in zip(files, rows)]}
 
     @app.get("/health", summary="Liveness and counters")
@@ -328,8 +334,10 @@ def create_app(predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 0
         return {
             "model_name": stored.get("model_name"), "class_names": predictor.class_names,
             "preprocessing": stored.get("preprocessing"),
+            "task": predictor.task.name,
             "calibration": {"temperature": predictor.temperature,
-                            "reject_threshold": (calibration.get("reject") or {}).get("threshold")},
+                            "reject_threshold": (calibration.get("reject") or {}).get("threshold"),
+                            "thresholds": calibration.get("thresholds")},
             "metrics": stored.get("metrics"), "epoch": stored.get("epoch"),
             "engine": engine, "max_batch": max_batch, "imgcls_version": imgcls_version(),
             "limits": {"bytes_per_file": MAX_FILE_BYTES, "bytes_per_request": MAX_REQUEST_BYTES,

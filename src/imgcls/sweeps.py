@@ -140,33 +140,41 @@ def _report_statuses(statuses: dict[str, str]) -> None:
 
 
 def _write_fold_manifests(config: Config, folds: int, folder: Path) -> list[Path]:
-    """One manifest per fold (path,label,split): that fold is val, the other folds train, and the
-    data's test split (kept out of every fold) is test. Stratified, seeded by `data.split_seed`."""
+    """One manifest per fold (path,label[s],split): that fold is val, the other folds train, and the
+    data's test split (kept out of every fold) is test. Stratified (multi-label data: iterative
+    stratification), seeded by `data.split_seed`."""
     import numpy as np
     from sklearn.model_selection import StratifiedKFold
 
-    from imgcls.data import assign_splits, resolve_source
+    from imgcls.data import assign_splits, resolve_source, write_splits_csv
+    from imgcls.data.sources import DataSource, as_task, label_matrix
 
-    source = assign_splits(resolve_source(config.data.path), config.data.val_fraction, config.data.test_fraction,
-                           config.data.split_seed)
+    source = as_task(resolve_source(config.data.path, config.data.label_separator), config.task)
+    source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
     pool = source.splits["train"] + source.splits.get("val", [])
-    labels = np.array([label for _, label in pool])
-    smallest = min(np.unique(labels, return_counts=True)[1])
-    if smallest < folds:
-        raise ImgclsError(f"--folds {folds}: a class has only {smallest} training images; use --folds {max(2, smallest)} "
-                          "or fewer")
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.data.split_seed)
+    if source.multi_label:
+        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+        labels = label_matrix(pool, source.class_names)
+        counts = labels.sum(axis=0)
+        splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=config.data.split_seed)
+    else:
+        labels = np.array([label for _, label in pool])
+        counts = np.unique(labels, return_counts=True)[1]
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.data.split_seed)
+    if min(counts) < folds:
+        raise ImgclsError(f"--folds {folds}: a class has only {min(counts)} training images; use --folds "
+                          f"{max(2, min(counts))} or fewer")
     manifests = []
     (folder / "folds").mkdir(exist_ok=True)
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(pool)), labels), start=1):
         held = set(held_out.tolist())
+        splits = {"train": [sample for index, sample in enumerate(pool) if index not in held],
+                  "val": [sample for index, sample in enumerate(pool) if index in held],
+                  **({"test": source.splits["test"]} if source.splits.get("test") else {})}
         path = folder / "folds" / f"fold-{fold}.csv"
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "label", "split"])
-            for index, (image, label) in enumerate(pool):
-                writer.writerow([os.path.abspath(image), label, "val" if index in held else "train"])
-            writer.writerows((os.path.abspath(image), label, "test") for image, label in source.splits.get("test", []))
+        write_splits_csv(DataSource(source.name, splits, multi_label=source.multi_label), path,
+                         config.data.label_separator)
         manifests.append(path)
     return manifests
 
@@ -209,24 +217,29 @@ def _summarise_folds(folder: Path, fold_names: list[str]) -> dict[str, Any]:
     """oof_predictions.csv and cv_summary.json: per fold and mean ± std of val (the held-out fold) and
     test metrics."""
     import numpy as np
-    import torch
 
-    from imgcls.evaluation import compute_metrics, predict_split
+    from imgcls.evaluation import predict_split
     from imgcls.prediction import load
 
     rows, per_fold = [], []
     for fold, name in enumerate(fold_names, start=1):
         classifier = load(folder / name)
+        task, names, decision = classifier.task, classifier.class_names, classifier.decision()
         dataset, logits, labels, _, _ = predict_split(classifier, folder / name, "val", None, 256)
-        probabilities = torch.softmax(logits, dim=1)  # the model's own probabilities, not temperature-scaled
-        names = classifier.class_names
-        for path, label, probability in zip(dataset.paths, labels.tolist(), probabilities.tolist()):
-            best = int(np.argmax(probability))
-            rows.append([path, names[label], fold, names[best], f"{probability[best]:.6f}", int(best == label),
+        # the model's own probabilities, not temperature-scaled
+        probabilities = task.probabilities(logits.numpy())
+        right = task.right(probabilities, labels.numpy(), decision)
+        answers = task.answers(probabilities, names, 1, decision)
+        for path, target, probability, answer, correct in zip(dataset.paths, labels, probabilities.tolist(), answers, right):
+            predicted = answer.get("labels", answer.get("label"))
+            rows.append([path, task.describe(target, names), fold, predicted,
+                         f"{answer['confidence']:.6f}" if "confidence" in answer else "", int(correct),
                          *(f"{value:.6f}" for value in probability)])
         summary = read_summary(folder / name)
-        per_fold.append({"fold": fold, "run": name, **{f"val_{k}": v for k, v in compute_metrics(logits, labels).items()},
-                         **{f"test_{k}": v for k, v in (summary.get("test_metrics") or {}).items()}})
+        figures = task.metrics(logits, labels, decision)
+        per_fold.append({"fold": fold, "run": name, **{f"val_{k}": v for k, v in figures.items()},
+                         **{f"test_{k}": v for k, v in (summary.get("test_metrics") or {}).items()
+                            if isinstance(v, (int, float))}})
     with open(folder / "oof_predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "fold", "predicted", "confidence", "correct", *(f"prob_{n}" for n in names)])
@@ -244,12 +257,13 @@ def _summarise_folds(folder: Path, fold_names: list[str]) -> dict[str, Any]:
 
 def _print_cv(result: dict[str, Any]) -> None:
     statistics = result["mean_std"]
-    for key in ("val_acc1", "val_macro_f1", "test_acc1", "test_macro_f1", "test_ece"):
+    for key in ("val_acc1", "val_macro_f1", "test_acc1", "test_macro_f1", "test_ece",  # single-label
+                "val_map", "val_f1_micro", "test_map", "test_f1_micro", "test_subset_acc"):  # multi-label
         if key in statistics:
             spread = statistics[key]["std"]
             log.info(f"{key:14s} {statistics[key]['mean']:.4f} ± {spread:.4f}" if spread is not None
                      else f"{key:14s} {statistics[key]['mean']:.4f}")
-    log.info(f"out-of-fold accuracy {result['oof_accuracy']:.4f} on {result['oof_images']} training images "
+    log.info(f"out-of-fold accuracy (multi-label: the whole label set) {result['oof_accuracy']:.4f} on {result['oof_images']} training images "
              "(oof_predictions.csv)")
 
 
@@ -323,6 +337,18 @@ def _objective(base: Path, folder: Path, fixed: list[str], space: dict[str, Any]
     return objective
 
 
+def _resolved_monitor(config: Config) -> str:
+    """train.monitor, with `auto` decided by the data as training will (val_acc1; val_map when multi-label)."""
+    if config.train.monitor != "auto":
+        return config.train.monitor
+    from imgcls.data import resolve_source
+    from imgcls.data.sources import as_task
+    from imgcls.training import resolve_task
+
+    source = as_task(resolve_source(config.data.path, config.data.label_separator), config.task)
+    return resolve_task(config, source).train.monitor
+
+
 def tune(data: str | None, config_file: str | None, overrides: list[str], trials: int, space_file: str | None = None,
          name: str | None = None, jobs: int = 1, resume: str | Path | None = None, verbose: bool = False,
          worker: tuple[int, int] = (0, 1)) -> Path:
@@ -350,7 +376,7 @@ def tune(data: str | None, config_file: str | None, overrides: list[str], trials
     setup_logging(folder)
     base = folder / "base.yaml"
     save_config(config, base)
-    monitor = config.train.monitor
+    monitor = _resolved_monitor(config)
     study = optuna.create_study(
         storage=f"sqlite:///{folder.resolve() / 'study.db'}", study_name="imgcls", load_if_exists=True,
         direction="minimize" if monitor.endswith("loss") else "maximize",

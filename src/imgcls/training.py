@@ -26,13 +26,14 @@ from imgcls.data import (
     make_loader, median_side, read_splits_csv, resolve_source, subsample_train, write_splits_csv,
 )
 from imgcls.data.augment import build_mixing
+from imgcls.data.sources import as_task
 from imgcls.errors import ImgclsError
-from imgcls.evaluation import calibrate, compute_metrics, evaluate, predict_loader
-from imgcls.losses import build_loss
+from imgcls.evaluation import calibrate, evaluate, predict_loader
 from imgcls.models import (
     create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image,
 )
 from imgcls.runtime import CoreShare, Distributed, Runtime, rng_state, seed_everything, set_rng_state
+from imgcls.tasks import SingleLabel, Task, get_task
 from imgcls.tracking import (
     ExperimentLoggers, RunFolder, StepProgress, append_metrics, create_run_dir, environment, process_identity, process_is_alive,
     read_metrics, read_summary, setup_logging, truncate_metrics, update_summary,
@@ -114,12 +115,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     runtime: Runtime, scaler: torch.amp.GradScaler, augment: nn.Module | None = None,
                     mixing: Callable | None = None, step_scheduler=None, grad_clip: float | None = None,
                     accumulate: int = 1, after_step: Callable[[torch.Tensor], None] | None = None,
-                    description: str = "train", log_every: int = 50, stop_on_nonfinite: bool = True) -> dict[str, float]:
+                    description: str = "train", log_every: int = 50, stop_on_nonfinite: bool = True,
+                    task: Task = SingleLabel()) -> dict[str, float]:
     """One pass over `loader` (uint8 batches). On each batch, on the device: `augment`, then `mixing`
     (mixup/cutmix: soft targets). One optimiser step every `accumulate` batches, then the per-step
     schedule and `after_step(loss of the batch)` (the weight EMA; the learning-rate finder). Returns
-    train_loss, train_acc1 (against the unmixed labels), images, seconds and data_wait (the share of
-    the time spent waiting for the next batch: high means the loader, not the model, is the limit).
+    train_loss, train_accuracy (the `task`'s: top-1, or the whole label set right; against the unmixed
+    labels), images, seconds and data_wait (the share of the time spent waiting for the next batch:
+    high means the loader, not the model, is the limit).
 
     Raises:
         TrainingDiverged: a loss was NaN or infinite, or fp16 loss scaling gave up (`stop_on_nonfinite`).
@@ -162,7 +165,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 if after_step is not None:
                     after_step(loss.detach())
             loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(dim=1) == labels).sum()
+            correct += task.correct(logits.detach(), labels)
             images_seen += len(labels)
             first_nonfinite = torch.where(torch.isfinite(loss.detach()), first_nonfinite,
                                           first_nonfinite.clamp(max=index))
@@ -186,7 +189,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         raise ImgclsError("the training split produced no batches; lower train.batch_size or add images")
     return {
         "train_loss": loss_sum / images_seen,
-        "train_acc1": correct / images_seen,
+        "train_accuracy": correct / images_seen,
         "images": images_seen,
         "seconds": seconds,
         "data_wait": waited / max(seconds, 1e-9),
@@ -228,8 +231,21 @@ def check_finite(first_nonfinite: int, steps: int, scaler: torch.amp.GradScaler,
 # set-up helpers
 
 
+def resolve_task(config: Config, source: DataSource) -> Config:
+    """Fill in `task`, `loss.name` and `train.monitor` when automatic (from the data: a multi-label source
+    makes a multi-label task), and check that the loss, monitor and sampler fit the task."""
+    name = config.task if config.task != "auto" else ("multi" if source.multi_label else "single")
+    task = get_task(name)
+    loss = task.default_loss if config.loss.name == "auto" else config.loss.name
+    monitor = task.default_monitor if config.train.monitor == "auto" else config.train.monitor
+    task.check_config(loss, monitor, config.data.sampler)
+    return replace(config, task=name, loss=replace(config.loss, name=loss), train=replace(config.train, monitor=monitor))
+
+
 def _resolve_auto(config: Config, source: DataSource) -> Config:
-    """Fill in `model.name=auto` and `data.image_size=None` from the data, so the saved config is explicit."""
+    """Fill in `model.name=auto`, `data.image_size=None` and the task from the data, so the saved config
+    is explicit."""
+    config = resolve_task(config, source)
     model_name, image_size = config.model.name, config.data.image_size
     if model_name == "auto" or (image_size is None and model_name == "small_resnet"):
         side = median_side([path for path, _ in source.splits["train"]])
@@ -258,6 +274,11 @@ def _log_data_summary(source: DataSource, class_names: list[str]) -> None:
 
 
 def _log_calibration(calibration: dict[str, Any]) -> None:
+    if "thresholds" in calibration:  # multi-label
+        f1 = calibration["val_f1_micro"]
+        log.info(f"per-label thresholds chosen on val ({min(calibration['thresholds']):.2f}-"
+                 f"{max(calibration['thresholds']):.2f}): val micro-F1 {f1['at_0.5']:.4f} at 0.5 -> {f1['at_thresholds']:.4f}")
+        return
     nll, reject = calibration["val_nll"], calibration["reject"]
     log.info(f"calibration: temperature {calibration['temperature']:.3f} (val NLL {nll['before']:.4f} -> "
              f"{nll['after']:.4f})" + (f"; predict --reject auto answers 'unknown' below confidence "
@@ -272,6 +293,7 @@ def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str,
     mean, std = normalisation
     return {
         "model_name": config.model.name,
+        "task": config.task,
         "class_names": class_names,
         "drop_rate": config.model.drop_rate,
         "head_hidden": config.model.head_hidden,
@@ -318,14 +340,14 @@ def cache_dataset(config: Config) -> tuple[Config, int]:
     """
     config, source = resolve_data(config)
     prepared = build_datasets(source.splits, source.class_names, config.data.image_size, config.data.resize,
-                              cache="on", on_bad_image=config.data.on_bad_image)
+                              cache="on", on_bad_image=config.data.on_bad_image, task=config.task)
     return config, sum(len(dataset) for dataset in prepared.datasets.values())
 
 
 def resolve_data(config: Config) -> tuple[Config, DataSource]:
     """The data a config names, split and subsampled, and the config with its automatic choices made.
     Shared by training and `imgcls cache`, so the cache holds exactly the files training will read."""
-    source = resolve_source(config.data.path)
+    source = as_task(resolve_source(config.data.path, config.data.label_separator), config.task)
     # split_seed, not seed: every seed of a sweep trains and tests on the same images
     source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
     source = subsample_train(source, config.data.fraction, config.data.per_class_limit, config.data.split_seed)
@@ -340,7 +362,7 @@ def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     # config.yaml keeps run.name as asked (null when automatic), so `imgcls train -c` on it starts a new run
     save_config(config, RunFolder(run_dir).config)
     config = replace(config, run=replace(config.run, name=run_dir.name))
-    write_splits_csv(source, RunFolder(run_dir).splits)
+    write_splits_csv(source, RunFolder(run_dir).splits, config.data.label_separator)
     RunFolder(run_dir).checkpoints.mkdir()
     return config, run_dir, source
 
@@ -401,11 +423,12 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool,
     if raised_epochs:
         log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
     if RunFolder(run_dir).splits.exists():
-        source = read_splits_csv(RunFolder(run_dir).splits, config.data.path)
+        source = read_splits_csv(RunFolder(run_dir).splits, config.data.path, config.data.label_separator)
+        config = resolve_task(config, source)  # a run from before tasks has task=auto in its config
     else:  # killed before it was written: the splits are a function of the saved config (data.split_seed)
         config, source = resolve_data(config)
         if is_main:
-            write_splits_csv(source, RunFolder(run_dir).splits)
+            write_splits_csv(source, RunFolder(run_dir).splits, config.data.label_separator)
     config = replace(config, run=replace(config.run, name=run_dir.name))
     return config, run_dir, source, resumption
 
@@ -577,7 +600,7 @@ def prepare(config: Config, source: DataSource, runtime: Runtime) -> TrainingSet
     if not distributed.is_main:
         distributed.barrier()  # rank 0 decodes into the cache first; the others then open it
     prepared = build_datasets(source.splits, source.class_names, config.data.image_size, config.data.resize,
-                              config.data.cache, config.data.cache_max_gib, config.data.on_bad_image)
+                              config.data.cache, config.data.cache_max_gib, config.data.on_bad_image, config.task)
     if distributed.is_main:
         distributed.barrier()
     train_set = prepared.datasets["train"]
@@ -598,8 +621,8 @@ def prepare(config: Config, source: DataSource, runtime: Runtime) -> TrainingSet
     model, normalisation = build_model(config, len(source.class_names), train_set)
     model = runtime.prepare_model(model)
     optimizer = build_optimizer(model, config)
-    counts = torch.bincount(train_set.labels, minlength=len(source.class_names)).tolist()
-    loss_function = build_loss(config.loss, counts).to(runtime.device)
+    loss_function = get_task(config.task).build_loss(config.loss, train_set.labels, len(source.class_names))
+    loss_function = loss_function.to(runtime.device)
     return TrainingSetup(prepared, train_loader, generator, sampler, workers, model, normalisation, optimizer,
                          loss_function, augment, mixing)
 
@@ -657,17 +680,18 @@ class TrainingState:
         self.stale_epochs = checkpoint["stale_epochs"]
 
 
-def validate(state: TrainingState, loader: DataLoader, runtime: Runtime, monitor: str) -> tuple[dict, float, nn.Module]:
+def validate(state: TrainingState, loader: DataLoader, runtime: Runtime, monitor: str,
+             task: Task = SingleLabel()) -> tuple[dict, float, nn.Module]:
     """val_* metrics of the raw weights and, with an EMA, val_ema_* of the averaged ones.
 
     Returns:
         (metrics, the better of the two values of `monitor`, the weights that gave it).
     """
-    val = compute_metrics(*predict_loader(state.model, loader, runtime))
+    val = task.metrics(*predict_loader(state.model, loader, runtime))
     val = {f"val_{key}": value for key, value in val.items() if key != "n"}
     candidate, weights = val[monitor], state.model
     if state.ema is not None:
-        val_ema = compute_metrics(*predict_loader(state.ema.module, loader, runtime))
+        val_ema = task.metrics(*predict_loader(state.ema.module, loader, runtime))
         val.update({f"val_ema_{key}": value for key, value in val_ema.items() if key != "n"})
         if is_improvement(val_ema[monitor.removeprefix("val_")], candidate, monitor):
             candidate, weights = val_ema[monitor.removeprefix("val_")], state.ema.module
@@ -680,8 +704,9 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     is_main = distributed.is_main
     # ---- data, model, optimiser, loss: the set-up lr-find shares
     class_names = source.class_names
+    task = get_task(config.task)
     log.info(f"run folder: {run_dir}")
-    log.info(f"data: {source.name}, {len(class_names)} classes")
+    log.info(f"data: {source.name}, {len(class_names)} classes" + (", multi-label" if task.name == "multi" else ""))
     _log_data_summary(source, class_names)
     setup = prepare(config, source, runtime)
     prepared, model = setup.prepared, setup.model
@@ -749,16 +774,16 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             augment=setup.augment, mixing=setup.mixing, step_scheduler=scheduler if schedule_every == "step" else None,
             grad_clip=config.train.grad_clip, accumulate=config.train.accumulate,
             after_step=state.update_ema if ema is not None else None,
-            description=f"epoch {epoch}/{config.train.epochs}", log_every=config.train.log_every,
+            description=f"epoch {epoch}/{config.train.epochs}", log_every=config.train.log_every, task=task,
         )
         lr = setup.optimizer.param_groups[0]["lr"]
         validation_started = time.perf_counter()
-        val, candidate, weights = validate(state, val_loader, runtime, monitor)
+        val, candidate, weights = validate(state, val_loader, runtime, monitor, task)
         if schedule_every == "epoch":
             scheduler.step(val[monitor]) if config.optim.scheduler == "plateau" else scheduler.step()
         improved = state.record(epoch, candidate, monitor)
         row = {
-            "epoch": epoch, "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"], **val, "lr": lr,
+            "epoch": epoch, "train_loss": stats["train_loss"], task.train_metric: stats["train_accuracy"], **val, "lr": lr,
             "epoch_seconds": stats["seconds"] + time.perf_counter() - validation_started,
             "train_images_per_s": stats["images"] / stats["seconds"], "data_wait": stats["data_wait"],
             # achieved model arithmetic (all processes together): compare with the device's peak
@@ -778,11 +803,12 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                 best_files = (metrics["weights"],
                               artifact_metadata(config, class_names, metrics, epoch, env, setup.normalisation))
             checkpoints.save(saved, best=best_files)
+        headline = "  ".join(f"val_{key} {row[f'val_{key}']:.4f}" for key in task.headline[:2])
         log.info(
             f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-            f"val_acc1 {row['val_acc1']:.4f}  val_acc5 {row['val_acc5']:.4f}  lr {lr:.2e}  "
+            f"{headline}  lr {lr:.2e}  "
             f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s  {row['train_gflops_per_s']:.0f} GFLOP/s"
-            + (f"  val_ema_acc1 {row['val_ema_acc1']:.4f}" if ema is not None else "")
+            + (f"  val_ema_{task.headline[0]} {row[f'val_ema_{task.headline[0]}']:.4f}" if ema is not None else "")
             + ("  * best" + (" (ema)" if weights is not model else "") if improved else "")
         )
         if stats["data_wait"] > 0.2:
@@ -823,10 +849,11 @@ def _final_evaluation(config: Config, run_dir: Path, source: DataSource, runtime
         last_epoch = int(result["last_epoch"].get("epoch", result["best_epoch"]))
         if loggers is not None:
             loggers.log_final({f"{split}_{key}": value for key, value in final.items() if key != "n"}, step=last_epoch)
-            loggers.log_image(f"confusion/{split}", run_dir / f"confusion_{split}.png", last_epoch)
-        monitor = config.train.monitor
+            if (run_dir / f"confusion_{split}.png").exists():  # single-label
+                loggers.log_image(f"confusion/{split}", run_dir / f"confusion_{split}.png", last_epoch)
+        monitor, headline = config.train.monitor, get_task(config.task).headline[0]
         log.info(f"best {monitor} {result['best'][monitor]:.4f} at epoch {result['best_epoch']}; "
-                 f"{split} acc1 {final['acc1']:.4f}")
+                 f"{split} {headline} {final[headline]:.4f}")
         log.info(f"results: {run_dir}  (metrics.csv, predictions_{split}.csv, confusion_{split}.png, checkpoints/)")
         output[f"{split}_metrics"] = final
     runtime.distributed.barrier()

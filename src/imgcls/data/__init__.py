@@ -118,8 +118,10 @@ def _report_bad(bad: dict[str, str], on_bad_image: str) -> None:
 
 
 def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[str], size: int, policy: str,
-                   cache: str = "auto", cache_max_gib: float = 20.0, on_bad_image: str = "skip") -> PreparedSplits:
-    """Datasets for each split, labels indexed by `class_names`.
+                   cache: str = "auto", cache_max_gib: float = 20.0, on_bad_image: str = "skip",
+                   task: str = "single") -> PreparedSplits:
+    """Datasets for each split, labels indexed by `class_names` (class indices, or multi-hot rows for
+    task="multi": see imgcls.tasks).
 
     With the decoded-image cache (cache=on, or auto when it fits `cache_max_gib` of disk), every file is
     decoded once (once ever, while the files do not change) and batches are read from a memory map;
@@ -129,8 +131,8 @@ def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[s
     Unreadable files are reported together and left out (or raise, with on_bad_image=fail).
     """
     from imgcls.data.loaders import ImageDataset, find_bad_images
+    from imgcls.tasks import get_task
 
-    index = {name: i for i, name in enumerate(class_names)}
     paths = cached_paths(splits)
     gib = cache_bytes(len(paths), size) / 2**30
     use_cache = cache == "on" or (cache == "auto" and gib <= cache_max_gib)
@@ -162,7 +164,7 @@ def build_datasets(splits: dict[str, list[tuple[str, str]]], class_names: list[s
             raise ImgclsError(f"the {split} split has no readable images")
         datasets[split] = ImageDataset(
             paths=[path for path, _ in keep],
-            labels=[index[label] for _, label in keep],
+            labels=get_task(task).targets([label for _, label in keep], class_names),
             size=size,
             policy=policy,
             images=images,

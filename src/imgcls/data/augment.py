@@ -143,8 +143,9 @@ def build_mixing(data_config: DataConfig, num_classes: int) -> nn.Module | None:
 
     Returns:
         None when no batch would be mixed; else a module mapping (images NCHW, float in [0, 1] or uint8;
-        labels long N) to (float images, targets float N x num_classes, rows summing to 1). An unmixed
-        batch gets one-hot targets.
+        labels: long N, or multi-hot float N x num_classes) to (float images, targets float N x
+        num_classes: rows summing to 1 for class indices, mixed multi-hot rows otherwise). An unmixed
+        batch gets one-hot (or its own multi-hot) targets.
     """
     mixup_alpha, cutmix_alpha = data_config.mixup_alpha, data_config.cutmix_alpha
     if data_config.mix_probability <= 0 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
@@ -168,19 +169,20 @@ class _Mixing(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not images.is_floating_point():  # `data.augment=none` leaves the batch uint8
             images = images.float().div_(255.0)
+        # class indices become one-hot rows; multi-hot rows (multi-label) are mixed as they are
+        targets = labels.float() if labels.ndim == 2 else F.one_hot(labels, self.num_classes).float()
         # CPU draws from the global generator: no CPU-GPU sync, and saved in checkpoints
         if torch.rand(()) >= self.probability:
-            return images, F.one_hot(labels, self.num_classes).float()
+            return images, targets
         if self.cutmix is not None and (self.mixup_alpha <= 0 or torch.rand(()) < 0.5):
-            images, mixed = self.cutmix(images, labels)  # mixed: (1, N, 3) = label, partner's label, own share
-            partner_labels, own_share = mixed[0, :, 1].long(), mixed[0, :, 2]
+            # kornia mixes the "class" it is given: the images' positions, so it names each one's partner
+            positions = torch.arange(len(images), device=images.device)
+            images, mixed = self.cutmix(images, positions)  # mixed: (1, N, 3) = own, partner's position, own share
+            partners, own_share = mixed[0, :, 1].long(), mixed[0, :, 2]
         else:
             partners = torch.randperm(len(images)).to(images.device)
             alpha = torch.tensor(float(self.mixup_alpha))
             own_share = torch.distributions.Beta(alpha, alpha).sample((len(images),)).to(images.device)
             images = torch.lerp(images[partners], images, own_share.view(-1, 1, 1, 1).to(images.dtype))
-            partner_labels = labels[partners]
         own_share = own_share.float().unsqueeze(1)
-        targets = (own_share * F.one_hot(labels, self.num_classes)
-                   + (1 - own_share) * F.one_hot(partner_labels, self.num_classes))
-        return images, targets
+        return images, own_share * targets + (1 - own_share) * targets[partners]

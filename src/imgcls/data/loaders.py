@@ -89,7 +89,8 @@ def find_bad_images(paths: list[str], processes: int) -> dict[str, str]:
 
 
 class ImageDataset(Dataset):
-    """(uint8 CHW image, class index) pairs, from the decoded-image cache or from the files themselves.
+    """(uint8 CHW image, class index or multi-hot row) pairs, from the decoded-image cache or from the files
+    themselves.
 
     Augmentation is not done here but on whole batches on the training device (data/augment.py).
     """
@@ -99,7 +100,9 @@ class ImageDataset(Dataset):
         """images: N x size x size x 3 uint8 (a memory map of the cache); rows: the row of `images` that
         holds each path (default: row i for path i)."""
         check_image_size(size)
-        self.paths, self.labels = paths, torch.as_tensor(labels, dtype=torch.long)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        # class indices, or multi-hot rows (multi-label), which the losses take as float
+        self.paths, self.labels = paths, labels.float() if labels.ndim == 2 else labels
         self.size, self.policy = size, policy
         self.images = torch.from_numpy(images) if images is not None else None  # shares the memory map
         self.rows = torch.as_tensor(rows if rows is not None else range(len(paths)), dtype=torch.long)
