@@ -320,3 +320,22 @@ def test_resampled_map_with_unit_weights_is_sklearns_map():
     expected = np.mean([average_precision_score(truth[:, j], probabilities[:, j]) for j in range(4)])
     assert _resampled_map(truth, probabilities, np.ones((1, 50)))[0] == pytest.approx(expected)
     assert labels_of(("a", "b")) == ("a", "b") and labels_of("a") == ("a",)
+
+
+def test_resume_and_lr_find_on_multi_label_data(quadrants, tmp_path, monkeypatch):
+    """A multi-label run continues from its checkpoint with more epochs; the learning-rate range test
+    runs on the same set-up."""
+    import imgcls
+    from imgcls.lr_finder import find_learning_rate
+    from tests.conftest import TINY_RUN
+
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
+    config = imgcls.load_config(overrides=[f"data.path={quadrants}", f"run.dir={tmp_path}", *TINY_RUN,
+                                           "train.epochs=1", "train.calibrate=false"])
+    run = imgcls.train(config)
+    imgcls.train(resume=run, overrides=["train.epochs=2"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["last_epoch"]["epoch"] == 2
+    assert "map" in summary["test_metrics"]
+    result = find_learning_rate(config, start_lr=1e-4, end_lr=1.0, steps=10)
+    assert result["steps"] == 10 and result["suggested_lr"] > 0

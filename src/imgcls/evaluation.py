@@ -330,10 +330,7 @@ def calibrate(run: str | Path, device: str = "auto", target_precision: float = 0
 
     classifier = load(run, device)
     _, logits, labels, _, _ = predict_split(classifier, _run_folder(run), "val", None, batch_size)
-    if classifier.task.name == "multi":
-        calibration = _multilabel_calibration(logits, labels)
-    else:
-        calibration = _temperature_calibration(logits, labels, target_precision)
+    calibration = classifier.task.calibrate(logits, labels, target_precision)
     artifact = find_artifact(run)
     state_dict, metadata = load_artifact(artifact)
     metadata["calibration"] = calibration
@@ -341,18 +338,8 @@ def calibrate(run: str | Path, device: str = "auto", target_precision: float = 0
     return calibration
 
 
-def _multilabel_calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """One threshold per label, maximising its F1 on val (see imgcls.multilabel.choose_thresholds);
-    the probabilities themselves are left as they are (temperature 1)."""
-    from imgcls import multilabel
-
-    thresholds = multilabel.choose_thresholds(logits, labels)
-    return {"temperature": 1.0, "fitted_on": "val", "thresholds": thresholds,
-            "val_f1_micro": {"at_0.5": multilabel.compute_metrics(logits, labels)["f1_micro"],
-                             "at_thresholds": multilabel.compute_metrics(logits, labels, thresholds)["f1_micro"]}}
-
-
-def _temperature_calibration(logits: torch.Tensor, labels: torch.Tensor, target_precision: float) -> dict[str, Any]:
+def temperature_calibration(logits: torch.Tensor, labels: torch.Tensor, target_precision: float) -> dict[str, Any]:
+    """The single-label calibration that `calibrate` stores (see there)."""
     from imgcls import analyze
 
     errors = int((logits.argmax(dim=1) != labels).sum())
@@ -443,8 +430,7 @@ def _tta_metrics(classifier, dataset, batch_size: int, tta: str) -> dict[str, An
     task = classifier.task
     logits, labels = predict_loader(classifier.model, loader, classifier.runtime, tta, classifier.flip_allowed, task)
     views = len(augmented_views(np.zeros((1, 3, 4, 4), np.uint8), tta, classifier.flip_allowed))
-    thresholds = task.decision(classifier.metadata, None, None) if task.name == "multi" else None
-    figures = task.metrics(logits, labels, thresholds)
+    figures = task.metrics(logits, labels, task.decision(classifier.metadata, None, None))
     return {"mode": tta, "views": views, "flip": classifier.flip_allowed,
             **{key: value for key, value in figures.items() if key != "n"}}
 

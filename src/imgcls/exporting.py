@@ -57,16 +57,17 @@ class ExportedModel(nn.Module):
     softmax of the logits divided by the calibrated temperature (what `predict` answers); for a
     multi-label model, their sigmoids."""
 
-    def __init__(self, model: nn.Module, temperature: float, multi_label: bool = False):
+    def __init__(self, model: nn.Module, temperature: float, exclusive: bool = True):
         super().__init__()
-        self.model, self.multi_label = model, multi_label
+        self.model, self.exclusive = model, exclusive
         self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(images).float()
-        if self.multi_label:  # one probability per label: the answer is the labels that reach their thresholds
-            return torch.sigmoid(logits / self.temperature), logits
-        return torch.softmax(logits / self.temperature, dim=1), logits
+        if self.exclusive:
+            return torch.softmax(logits / self.temperature, dim=1), logits
+        # multi-label: one probability per label; the answer is the labels that reach their thresholds
+        return torch.sigmoid(logits / self.temperature), logits
 
 
 @dataclass
@@ -215,8 +216,8 @@ def _parity(predictor: Predictor, reference: np.ndarray, probabilities: np.ndarr
     difference of a probability."""
     agreement = predictor.task.agreement(reference, probabilities, predictor.decision())
     difference = float(np.abs(reference - probabilities).max())
-    name = "label_set_agreement" if predictor.task.name == "multi" else "top1_agreement"
-    figures = {"images": len(reference), "agreement": agreement, name: agreement, "max_abs_difference": difference}
+    figures = {"images": len(reference), "agreement": agreement, predictor.task.agreement_name: agreement,
+               "max_abs_difference": difference}
     if bar:
         figures["passed"] = agreement >= PARITY_AGREEMENT and difference <= PARITY_MAX_DIFFERENCE
     return figures
@@ -254,9 +255,9 @@ def onnx_metadata(predictor: Predictor) -> dict[str, str]:
         "resize": predictor.resize,
         "input": "images: uint8 RGB NCHW, 0..255 (normalised inside the graph)",
         "task": predictor.task.name,
-        "outputs": ("probabilities (sigmoid of each logit: multi-label; a label is answered when it reaches its "
-                    "threshold), logits" if predictor.task.name == "multi" else
-                    "probabilities (softmax of logits / temperature), logits"),
+        "outputs": ("probabilities (softmax of logits / temperature), logits" if predictor.task.exclusive else
+                    "probabilities (sigmoid of each logit: multi-label; a label is answered when it reaches its "
+                    "threshold), logits"),
         "thresholds": json.dumps(calibration.get("thresholds")),
         "temperature": repr(predictor.temperature),
         "reject_threshold": json.dumps((calibration.get("reject") or {}).get("threshold")),
@@ -271,7 +272,7 @@ def onnx_program(classifier: Classifier):
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ImgclsError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'imgcls[export]'") from None
-    wrapped = ExportedModel(classifier.model, classifier.temperature, classifier.task.name == "multi").eval()
+    wrapped = ExportedModel(classifier.model, classifier.temperature, classifier.task.exclusive).eval()
     example = torch.zeros(2, 3, classifier.image_size, classifier.image_size, dtype=torch.uint8)
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
@@ -344,7 +345,7 @@ class _quiet_exporter:
 
 
 def _write_pt2(classifier: Classifier, path: Path, parity: ParityImages, reference: np.ndarray) -> dict[str, Any]:
-    wrapped = ExportedModel(classifier.model, classifier.temperature, classifier.task.name == "multi").eval()
+    wrapped = ExportedModel(classifier.model, classifier.temperature, classifier.task.exclusive).eval()
     example = torch.zeros(2, 3, classifier.image_size, classifier.image_size, dtype=torch.uint8)
     staging = _staging(path)
     try:

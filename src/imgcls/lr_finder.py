@@ -24,6 +24,7 @@ from imgcls.errors import ImgclsError
 from imgcls.models import set_backbone_trainable
 from imgcls.runtime import Runtime, seed_everything
 from imgcls.tracking import RunFolder, create_run_dir, setup_logging
+from imgcls.tasks import get_task
 from imgcls.training import prepare, resolve_data, train_one_epoch
 
 __all__ = ["find_learning_rate", "smooth", "suggest_valley", "suggest_steepest"]
@@ -138,7 +139,8 @@ def find_learning_rate(config: Config, start_lr: float = 1e-7, end_lr: float = 1
                         mixing=setup.mixing, step_scheduler=scheduler,
                         grad_clip=config.train.grad_clip, accumulate=config.train.accumulate, after_step=record,
                         description="lr-find", log_every=config.train.log_every,
-                        stop_on_nonfinite=False)  # a diverging loss is the end of the test, found by `record`
+                        stop_on_nonfinite=False,  # a diverging loss is the end of the test, found by `record`
+                        task=get_task(config.task))
     except _Diverged:
         log.info(f"loss diverged at lr {learning_rates[-1]:.2e} after {len(losses)} steps: stopped")
     return _write_results(folder, learning_rates, losses)

@@ -160,7 +160,7 @@ class Predictor:
         """Single-label: label, confidence and label_k/prob_k for each row of probabilities (`unknown`
         below the `decision` confidence). Multi-label: labels (joined by |), label_set and prob_<class>,
         deciding with `decision` (per-label thresholds; default: the stored ones)."""
-        if decision is None and self.task.name == "multi":
+        if decision is None:  # the stored thresholds of a multi-label model (no rejection: single-label)
             decision = self.decision()
         return self.task.answers(probabilities, self.class_names, topk, decision)
 
@@ -192,9 +192,7 @@ class Predictor:
                 pending.clear()
 
         for path in paths:
-            row: dict[str, Any] = ({"path": str(path), "labels": "", "label_set": [], "error": ""}
-                                   if self.task.name == "multi" else
-                                   {"path": str(path), "label": "", "confidence": None, "error": ""})
+            row = self.task.empty_row(str(path))
             rows.append(row)
             try:
                 pending.append((row, self.read(path)))
@@ -221,7 +219,7 @@ class Classifier(Predictor):
 
         with torch.no_grad(), self.runtime.autocast():
             logits = self.model(self.runtime.to_device(images)).float() / self.temperature
-        return (torch.sigmoid(logits) if self.task.name == "multi" else torch.softmax(logits, dim=1)).cpu()
+        return (torch.softmax(logits, dim=1) if self.task.exclusive else torch.sigmoid(logits)).cpu()
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         import torch

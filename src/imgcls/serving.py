@@ -1,6 +1,7 @@
 """`imgcls serve`: an HTTP prediction API with an upload page, on FastAPI + uvicorn.
 
     POST /predict   multipart form, one or more images in the field `file`; ?reject=auto|0.8, ?topk=5
+                    (a multi-label model: the label sets; ?threshold=0.5 for every label)
     GET  /health    {"status": "ok", ...}
     GET  /metadata  class names, preprocessing, calibration and the run's metrics
     GET  /docs      OpenAPI (Swagger UI)

@@ -35,6 +35,9 @@ UNKNOWN = "unknown"  # the label of a rejected single-label prediction (`predict
 
 class Task:
     name: str
+    title: str  # for messages: "single-label", "multi-label"
+    exclusive: bool  # the classes exclude each other: softmax, else one sigmoid per class
+    agreement_name: str  # what `agreement` measures, as export.json names it
     default_monitor: str
     monitors: tuple[str, ...]
     default_loss: str
@@ -69,6 +72,14 @@ class Task:
         raise NotImplementedError
 
     def probabilities(self, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        raise NotImplementedError
+
+    def empty_row(self, path: str) -> dict[str, Any]:
+        """A row of `predict` before (or without: an unreadable file) its answer."""
+        raise NotImplementedError
+
+    def calibrate(self, logits: torch.Tensor, targets: torch.Tensor, target_precision: float) -> dict[str, Any]:
+        """What `imgcls.evaluation.calibrate` stores in the artifact, fitted on val's logits."""
         raise NotImplementedError
 
     def decision(self, metadata: dict[str, Any], reject: str | float | None, threshold: float | None):
@@ -107,6 +118,9 @@ class Task:
 
 class SingleLabel(Task):
     name = "single"
+    title = "single-label"
+    exclusive = True
+    agreement_name = "top1_agreement"
     default_monitor = "val_acc1"
     monitors = ("val_acc1", "val_loss", "val_balanced_acc", "val_macro_f1")
     default_loss = "ce"
@@ -143,6 +157,15 @@ class SingleLabel(Task):
         scaled -= scaled.max(axis=1, keepdims=True)
         exponentials = np.exp(scaled)
         return (exponentials / exponentials.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def empty_row(self, path: str) -> dict[str, Any]:
+        return {"path": path, "label": "", "confidence": None, "error": ""}
+
+    def calibrate(self, logits, targets, target_precision) -> dict[str, Any]:
+        """A softmax temperature and the confidence threshold of `predict --reject auto`."""
+        from imgcls.evaluation import temperature_calibration
+
+        return temperature_calibration(logits, targets, target_precision)
 
     def decision(self, metadata, reject, threshold) -> float | None:
         if threshold is not None:
@@ -195,6 +218,9 @@ class SingleLabel(Task):
 
 class MultiLabel(Task):
     name = "multi"
+    title = "multi-label"
+    exclusive = False
+    agreement_name = "label_set_agreement"
     default_monitor = "val_map"
     monitors = ("val_map", "val_loss", "val_f1_micro", "val_f1_macro", "val_subset_acc")
     default_loss = "bce"
@@ -232,6 +258,19 @@ class MultiLabel(Task):
 
     def probabilities(self, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         return (1.0 / (1.0 + np.exp(-logits.astype(np.float64) / temperature))).astype(np.float32)
+
+    def empty_row(self, path: str) -> dict[str, Any]:
+        return {"path": path, "labels": "", "label_set": [], "error": ""}
+
+    def calibrate(self, logits, targets, target_precision) -> dict[str, Any]:
+        """One threshold per label, maximising its F1 on val (see imgcls.multilabel.choose_thresholds); the
+        probabilities themselves are left as they are (temperature 1)."""
+        from imgcls import multilabel
+
+        thresholds = multilabel.choose_thresholds(logits, targets)
+        return {"temperature": 1.0, "fitted_on": "val", "thresholds": thresholds,
+                "val_f1_micro": {"at_0.5": multilabel.compute_metrics(logits, targets)["f1_micro"],
+                                 "at_thresholds": multilabel.compute_metrics(logits, targets, thresholds)["f1_micro"]}}
 
     def decision(self, metadata, reject, threshold) -> np.ndarray:
         if reject is not None:

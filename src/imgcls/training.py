@@ -706,7 +706,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     class_names = source.class_names
     task = get_task(config.task)
     log.info(f"run folder: {run_dir}")
-    log.info(f"data: {source.name}, {len(class_names)} classes" + (", multi-label" if task.name == "multi" else ""))
+    log.info(f"data: {source.name}, {len(class_names)} classes, {task.title}")
     _log_data_summary(source, class_names)
     setup = prepare(config, source, runtime)
     prepared, model = setup.prepared, setup.model
