@@ -339,3 +339,16 @@ def test_resume_and_lr_find_on_multi_label_data(quadrants, tmp_path, monkeypatch
     assert "map" in summary["test_metrics"]
     result = find_learning_rate(config, start_lr=1e-4, end_lr=1.0, steps=10)
     assert result["steps"] == 10 and result["suggested_lr"] > 0
+
+
+def test_a_quick_subset_of_multi_label_data_keeps_every_label(tmp_path):
+    from imgcls.data import subsample_train
+
+    rows = write_quadrants(tmp_path, 200, seed=0, split="train") + write_quadrants(tmp_path, 20, seed=1, split="val")
+    source = resolve_source(str(write_manifest(tmp_path / "m.csv", rows)))
+    subset = subsample_train(source, fraction=0.25, seed=0)
+    assert 40 <= len(subset.splits["train"]) <= 60 and subset.class_names == source.class_names
+    limited = subsample_train(source, per_class_limit=10, seed=0)
+    counts = limited.counts("train")
+    # an image is kept while one of its labels is under the limit: every label reaches it, some pass it
+    assert min(counts.values()) >= 10 and len(limited.splits["train"]) < 40

@@ -269,8 +269,10 @@ def _log_data_summary(source: DataSource, class_names: list[str]) -> None:
     ratio = max(train_counts.values()) / max(1, min(train_counts.values()))
     if ratio >= 10:
         rare = min(train_counts, key=train_counts.get)
+        watch = ("mAP and macro-F1, not only micro-F1" if source.multi_label
+                 else "balanced accuracy and macro-F1, not only accuracy")
         log.warning(f"training classes are imbalanced {ratio:.0f}:1 (fewest: '{rare}', {train_counts[rare]} images); "
-                    "watch balanced accuracy and macro-F1, not only accuracy")
+                    f"watch {watch}")
 
 
 def _log_calibration(calibration: dict[str, Any]) -> None:
