@@ -352,3 +352,50 @@ def test_a_quick_subset_of_multi_label_data_keeps_every_label(tmp_path):
     counts = limited.counts("train")
     # an image is kept while one of its labels is under the limit: every label reaches it, some pass it
     assert min(counts.values()) >= 10 and len(limited.splits["train"]) < 40
+
+
+def test_int8_export_measures_subset_accuracy(run):
+    from imgcls.exporting import export
+
+    result = export(run, formats=["onnx"], int8=True, out=run / "export-int8")
+    entry = result["formats"]["onnx_int8"]
+    assert entry["parity"]["label_set_agreement"] > 0.8  # int8 moves some probabilities across a threshold
+    assert entry["accuracy"]["images"] == 60 and 0 <= entry["accuracy"]["int8"] <= 1
+
+
+def test_upload_page_shows_the_label_set_in_headless_chromium(run, quadrants, tmp_path):
+    """`imgcls serve RUN` in its own process; the page shows the predicted label set and a bar per label."""
+    import subprocess
+    import sys
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from imgcls.data.sources import read_manifest
+    from imgcls.prediction import load
+    from imgcls.report import _chromium
+    from tests.test_serve import free_port, wait_until_healthy
+
+    path = read_manifest(quadrants).splits["test"][0][0]
+    (expected,) = load(run, "cpu").predict([path])
+    port, log = free_port(), tmp_path / "serve.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "imgcls", "serve", str(run), "--port", str(port)],
+                                   stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", process, log)
+        with _chromium() as driver:
+            driver.get(f"http://127.0.0.1:{port}/")
+            driver.find_element(By.CSS_SELECTOR, "input#file").send_keys(path)
+            WebDriverWait(driver, 20).until(lambda browser: browser.find_elements(
+                By.CSS_SELECTOR, "[data-testid=label], #status .error"))
+            errors = driver.find_elements(By.CSS_SELECTOR, "#status .error")
+            assert not errors, errors[0].text
+            label = driver.find_element(By.CSS_SELECTOR, "[data-testid=label]").text
+            assert label == (", ".join(expected["label_set"]) or "(none of the labels)")
+            names = [bar.find_element(By.CSS_SELECTOR, ".name").text for bar in driver.find_elements(By.CSS_SELECTOR, ".bar")]
+            probabilities = {key.removeprefix("prob_"): value for key, value in expected.items() if key.startswith("prob_")}
+            assert names == sorted(probabilities, key=probabilities.get, reverse=True)  # every label, most likely first
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
