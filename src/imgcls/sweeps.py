@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
