@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,23 @@ def train_tiny_run(data: Path, runs: Path, tmp_path_factory, *overrides: str) ->
         imgcls.train(imgcls.load_config(overrides=[f"data.path={data}", f"run.dir={runs}", *TINY_RUN, *overrides]))
     (run,) = runs.iterdir()
     return run
+
+
+def stop_after_epochs(command: list[str], metrics: Path, epochs: int) -> str:
+    """Run `command` (an `imgcls train`), send it SIGTERM once `metrics` (its metrics.csv) holds `epochs`
+    epochs, and return its stderr once it has stopped with the exit code of an interruption (130).
+    SIGTERM is what a scheduler sends; Ctrl-C takes the same path, but a shell that starts CI in the
+    background makes its children ignore SIGINT."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= epochs + 1:  # the header, then a line per epoch
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.005)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    return stderr.decode()
 
 
 @pytest.fixture

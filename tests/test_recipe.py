@@ -146,7 +146,7 @@ def test_ema_is_evaluated_checkpointed_and_can_become_best(shapes_folder, tmp_pa
     assert metadata["metrics"]["weights"] in ("ema", "raw")
 
 
-def test_time_budget_stops_before_an_epoch_that_would_overrun(shapes_folder, tmp_path):
+def test_a_time_budget_too_short_for_one_epoch_still_trains_one_and_finishes(shapes_folder, tmp_path):
     run = quick_run(shapes_folder, tmp_path, "train.epochs=5", "train.max_minutes=0.0001")
     assert len(rows(run)) == 1
     assert "train.max_minutes" in (run / "log.txt").read_text()

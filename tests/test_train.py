@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import torch
 import imgcls
 from imgcls.config import load_config
 from imgcls.training import cosine_with_warmup, is_improvement
+from tests.conftest import stop_after_epochs
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
 TIMING_COLUMNS = {"epoch_seconds", "train_images_per_s", "data_wait", "train_gflops_per_s"}
@@ -36,20 +35,10 @@ def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(shap
     common = [str(shapes_folder), "train.epochs=5", "train.deterministic=true", f"run.dir={runs}", *FAST]
     subprocess.run(cli("train", *common, "run.name=straight"), check=True, capture_output=True)
 
-    # the same run, stopped once two epochs are on disk, then resumed. SIGTERM (what a scheduler sends;
-    # Ctrl-C takes the same path): a shell that starts CI in the background makes its children ignore SIGINT
-    process = subprocess.Popen(cli("train", *common, "run.name=stopped"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = runs / "stopped" / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 3:  # header + 2 epochs
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.005)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr.decode()[-2000:]
+    # the same run, stopped once two epochs are on disk, then resumed
+    stderr = stop_after_epochs(cli("train", *common, "run.name=stopped"), runs / "stopped" / "metrics.csv", 2)
     assert json.loads((runs / "stopped" / "summary.json").read_text())["status"] == "interrupted"
-    assert "--resume" in stderr.decode()
+    assert "--resume" in stderr
     assert len(metrics_rows(runs / "stopped")) < 5
 
     subprocess.run(cli("train", "--resume", str(runs / "stopped")), check=True, capture_output=True)

@@ -161,7 +161,9 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: Optional[int] = None
+    """Passes over the training images. None (or `auto`): 10, or with `train.max_minutes` as many as the
+    budget allows; with both, whichever ends first."""
     batch_size: int = 64
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA and on CPUs with native bf16, fp16 + loss scaling on older GPUs."""
@@ -187,7 +189,10 @@ class TrainConfig:
     ema_decay: float = 0.999
     """EMA decay per optimiser step (with timm's warm-up, so early averages are not dominated by the start)."""
     max_minutes: Optional[float] = None
-    """Wall-clock budget for training: no epoch starts that would end after it."""
+    """Time budget of the whole run, minutes, from reading the data to the final test evaluation. The
+    learning-rate schedule (warm-up, cosine decay) is laid out over the steps the budget allows, planned
+    from the measured speed of the first steps and corrected after every epoch; the last epoch may be
+    partial. None: no budget."""
     calibrate: bool = True
     """After training, fit a softmax temperature on the validation split (calibrated confidences; the
     predicted classes never change) and store it in the model artifact, which `predict` uses."""
@@ -278,6 +283,10 @@ def _merge(base: DictConfig, other: Any, source: str, key: str = "?") -> DictCon
 _YAML_BOOLEAN_WORDS = {"on", "off", "yes", "no", "y", "n"}
 
 
+# keys whose automatic choice is None in the dataclasses, also written `auto` on the command line
+_AUTO_MEANS_NONE = ("train.epochs",)
+
+
 def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated Config from defaults, an optional YAML file and `key=value` overrides.
 
@@ -298,6 +307,8 @@ def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in override:
             raise ImgclsError(f"override '{override}' is not key=value (e.g. train.epochs=5)")
         key, _, value = override.partition("=")
+        if key in _AUTO_MEANS_NONE and value == "auto":
+            override = f"{key}=null"
         if value.lower() in _YAML_BOOLEAN_WORDS:  # YAML 1.1 reads `off` as False: `data.cache=off` means the word
             override = f'{key}="{value}"'
         try:
@@ -330,7 +341,7 @@ def _check_ranges(config: Config) -> None:
     if config.run.name is not None and run_name_problem(config.run.name):
         raise ImgclsError(f"bad value for 'run.name': '{config.run.name}' {run_name_problem(config.run.name)}")
     checks = [
-        ("train.epochs", config.train.epochs >= 1, "must be at least 1"),
+        ("train.epochs", config.train.epochs is None or config.train.epochs >= 1, "must be at least 1 (or auto)"),
         ("train.batch_size", config.train.batch_size >= 1, "must be at least 1"),
         ("optim.lr", 0 < config.optim.lr < math.inf, "must be a positive number"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be between 0 and 1"),

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from imgcls.budget import DEFAULT_EPOCHS, CosineSchedule, TimeBudget, cosine_with_warmup
 from imgcls.checkpoint import CheckpointSet, DiskFullError, atomic_write, load_artifact, load_checkpoint, save_artifact
 from imgcls.config import Config, config_to_dict, load_config, save_config
 from imgcls.data import (
@@ -45,19 +46,11 @@ __all__ = ["train", "train_one_epoch", "prepare", "TrainingSetup", "TrainingStat
 log = logging.getLogger("imgcls")
 
 # keys that may change when resuming; anything else would make the resumed run a different experiment
-RESUMABLE_OVERRIDES = ("train.epochs", "train.patience", "device", "data.workers", "train.log_every")
+RESUMABLE_OVERRIDES = ("train.epochs", "train.max_minutes", "train.patience", "device", "data.workers", "train.log_every")
 
 
 # ----------------------------------------------------------------------------------------------------
 # schedules and small pieces of arithmetic
-
-
-def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate multiplier: linear warm-up from ~0 to 1, then half a cosine down to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def is_improvement(value: float, best: float | None, metric: str) -> bool:
@@ -87,14 +80,22 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     raise ImgclsError(f"unknown optim.name '{config.optim.name}'; use adamw or sgd")
 
 
+def planned_epochs(config: Config) -> int | None:
+    """`train.epochs`, or when it is not set, None with a time budget (the budget decides) and
+    DEFAULT_EPOCHS without one."""
+    if config.train.epochs is not None:
+        return config.train.epochs
+    return None if config.train.max_minutes is not None else DEFAULT_EPOCHS
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):
-    """Returns (scheduler, when): `when` is "step" (after every optimiser step) or "epoch"."""
+    """Returns (scheduler, when): `when` is "step" (after every optimiser step) or "epoch". The cosine
+    schedule's plan (a CosineSchedule) is `scheduler.lr_lambdas[0]`; a time budget revises it."""
     name = config.optim.scheduler
     if name == "cosine":
         warmup = round(config.optim.warmup_epochs * steps_per_epoch)
-        total = config.train.epochs * steps_per_epoch
-        schedule = lambda step: cosine_with_warmup(step, warmup, total)  # noqa: E731
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "step"
+        total = (planned_epochs(config) or DEFAULT_EPOCHS) * steps_per_epoch  # a budget's first guess
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(warmup, total)), "step"
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, config.optim.step_epochs, config.optim.gamma), "epoch"
     if name == "plateau":
@@ -116,10 +117,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     mixing: Callable | None = None, step_scheduler=None, grad_clip: float | None = None,
                     accumulate: int = 1, after_step: Callable[[torch.Tensor], None] | None = None,
                     description: str = "train", log_every: int = 50, stop_on_nonfinite: bool = True,
-                    task: Task = SingleLabel()) -> dict[str, float]:
+                    task: Task = SingleLabel(), stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """One pass over `loader` (uint8 batches). On each batch, on the device: `augment`, then `mixing`
     (mixup/cutmix: soft targets). One optimiser step every `accumulate` batches, then the per-step
-    schedule and `after_step(loss of the batch)` (the weight EMA; the learning-rate finder). Returns
+    schedule and `after_step(loss of the batch)` (the weight EMA, the time budget; the learning-rate
+    finder); the epoch ends early when `stop()` is then true (a time budget's last, partial epoch). Returns
     train_loss, train_accuracy (the `task`'s: top-1, or the whole label set right; against the unmixed
     labels), images, seconds and data_wait (the share of the time spent waiting for the next batch:
     high means the loader, not the model, is the limit).
@@ -153,7 +155,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 logits = model(images)
                 loss = loss_function(logits, targets)
             scaler.scale(loss / accumulate).backward()  # gradients of `accumulate` batches add up
-            if (index + 1) % accumulate == 0 or index + 1 == len(loader):
+            stepped = (index + 1) % accumulate == 0 or index + 1 == len(loader)
+            if stepped:
                 if grad_clip is not None:
                     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -177,6 +180,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 bar.update(1, f"loss {loss_sum.item() / images_seen:.4f}")
             else:
                 bar.update(1)
+            if stepped and stop is not None and stop():
+                break
             ready = time.perf_counter()
     seconds = time.perf_counter() - started
     if stop_on_nonfinite:
@@ -403,7 +408,7 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool,
             raise ImgclsError(f"{run_dir} is being trained on {summary.get('host')} (pid {summary['pid']}); if that "
                               "process is gone, resume with --force")
     checkpoints = CheckpointSet(RunFolder(run_dir).checkpoints)
-    raised_epochs = config.train.epochs > saved.train.epochs
+    raised_epochs = _extends(config, saved)
     if not checkpoints.last.is_file():
         log.warning(f"{run_dir} has no checkpoint (it stopped before the end of its first epoch): "
                     "training it again from the beginning in the same folder")
@@ -414,16 +419,22 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool,
         if repaired:
             log.warning(f"{' and '.join(repaired)} lagged behind last.ckpt (stopped between the writes of epoch "
                         f"{checkpoint['epoch']}): rewritten from it")
-        patience = config.train.patience
-        ended = (checkpoint["epoch"] >= config.train.epochs
+        patience, epochs, planned = config.train.patience, planned_epochs(config), checkpoint.get("budget", {})
+        budget_spent = (config.train.max_minutes is not None and not raised_epochs and "total_steps" in planned
+                        and checkpoint.get("steps", 0) >= planned["total_steps"])
+        ended = ((epochs is not None and checkpoint["epoch"] >= epochs) or budget_spent
                  or (not raised_epochs and (summary.get("stage") == "final evaluation"
                                             or (patience is not None and checkpoint["stale_epochs"] >= patience))))
         if ended and summary.get("status") == "completed":
-            raise ImgclsError(f"{run_dir} has already trained all {config.train.epochs} epochs; "
-                              f"add train.epochs=N (more than {config.train.epochs}) to continue it")
+            if epochs is None:
+                raise ImgclsError(f"{run_dir} has already spent its train.max_minutes={config.train.max_minutes:g}; "
+                                  f"add train.max_minutes=M (more than {config.train.max_minutes:g}) to continue it")
+            raise ImgclsError(f"{run_dir} has already trained all {epochs} epochs; "
+                              f"add train.epochs=N (more than {epochs}) to continue it")
         resumption = Resumption(checkpoint, training_ended=ended)
     if raised_epochs:
-        log.info(f"resuming with train.epochs={config.train.epochs} (was {saved.train.epochs})")
+        log.info(f"resuming with train.epochs={config.train.epochs}, train.max_minutes={config.train.max_minutes} "
+                 f"(was {saved.train.epochs}, {saved.train.max_minutes})")
     if RunFolder(run_dir).splits.exists():
         source = read_splits_csv(RunFolder(run_dir).splits, config.data.path, config.data.label_separator)
         config = resolve_task(config, source)  # a run from before tasks has task=auto in its config
@@ -433,6 +444,15 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool,
             write_splits_csv(source, RunFolder(run_dir).splits, config.data.label_separator)
     config = replace(config, run=replace(config.run, name=run_dir.name))
     return config, run_dir, source, resumption
+
+
+def _extends(config: Config, saved: Config) -> bool:
+    """Whether resuming with `config` trains longer than `saved` asked: more epochs or more minutes."""
+    now, before = planned_epochs(config), planned_epochs(saved)
+    more_epochs = before is not None and (now is None or now > before)
+    more_minutes = config.train.max_minutes is not None and (saved.train.max_minutes is None
+                                                             or config.train.max_minutes > saved.train.max_minutes)
+    return more_epochs or more_minutes
 
 
 def _on_main(distributed: Distributed, function: Callable, *args: Any) -> Any:
@@ -496,6 +516,7 @@ def train(config: Config | None = None, *, resume: str | Path | None = None, ove
 def _train(config: Config | None, resume: str | Path | None, overrides: list[str], force: bool,
            distributed: Distributed, cores: CoreShare,
            on_epoch: Callable[[int, dict[str, float]], None] | None) -> Path:
+    started = time.perf_counter()  # a time budget counts from here: reading and caching the data spend it too
     resumption = Resumption(None, training_ended=False)
     if resume is not None:
         config, run_dir, source, resumption = _resume_run(resume, overrides, force, distributed.is_main)
@@ -545,7 +566,7 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
                 log.info(f"training of {run_dir} had ended; finishing its final evaluation")
                 result = _ended_training(run_dir, checkpoint, config.train.monitor)
             else:
-                result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch)
+                result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch, started)
             if distributed.is_main:
                 update_summary(run_dir, stage="final evaluation")  # a resume after a kill from here on only finishes
             result.update(_final_evaluation(config, run_dir, source, runtime, loggers, result))
@@ -641,16 +662,25 @@ class TrainingState:
     scheduler: Any
     scaler: torch.amp.GradScaler
     ema: Any = None  # timm's ModelEmaV3 with train.ema, else None
-    ema_steps: int = 0
+    budget: TimeBudget | None = None  # with train.max_minutes
+    steps: int = 0  # optimiser steps taken
+    budget_state: dict = None  # a checkpoint's TimeBudget.state_dict(), until the budget is made
     epoch: int = 0  # the last finished epoch
     best: float | None = None
     best_epoch: int = 0
     stale_epochs: int = 0  # epochs since the best one
 
-    def update_ema(self, _: torch.Tensor) -> None:
+    def after_step(self, _: torch.Tensor) -> None:
         """After each optimiser step (train_one_epoch's `after_step`)."""
-        self.ema_steps += 1
-        self.ema.update(self.model, step=self.ema_steps)
+        self.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.steps)
+        if self.budget is not None:
+            self.budget.after_step(self.steps)
+
+    def out_of_time(self) -> bool:
+        """The time budget's planned steps are all taken (train_one_epoch's `stop`)."""
+        return self.budget is not None and self.budget.done(self.steps)
 
     def record(self, epoch: int, value: float, monitor: str) -> bool:
         """Note epoch `epoch`'s monitored value; True when it is the best so far."""
@@ -666,7 +696,8 @@ class TrainingState:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
             "best": self.best, "best_epoch": self.best_epoch, "stale_epochs": self.stale_epochs,
-            "ema": self.ema.state_dict() if self.ema is not None else None, "ema_steps": self.ema_steps,
+            "ema": self.ema.state_dict() if self.ema is not None else None, "steps": self.steps,
+            "budget": self.budget.state_dict() if self.budget is not None else self.budget_state,
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -676,7 +707,8 @@ class TrainingState:
         self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
-            self.ema_steps = checkpoint["ema_steps"]
+        self.steps = checkpoint.get("steps", checkpoint.get("ema_steps", 0))  # ema_steps: checkpoints before budgets
+        self.budget_state = checkpoint.get("budget")
         self.epoch = checkpoint["epoch"]
         self.best, self.best_epoch = checkpoint["best"], checkpoint["best_epoch"]
         self.stale_epochs = checkpoint["stale_epochs"]
@@ -700,8 +732,34 @@ def validate(state: TrainingState, loader: DataLoader, runtime: Runtime, monitor
     return val, candidate, weights
 
 
+def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits, steps_per_epoch: int,
+                 started: float, distributed: Distributed) -> TimeBudget:
+    """The plan of `train.max_minutes`, continued from a checkpoint's when resuming."""
+    sizes = {split: len(dataset) for split, dataset in prepared.datasets.items()}
+    final_split = RunFolder.final_split(sizes)
+    validated = max(1, sizes["val"]) * (2 if state.ema is not None else 1)  # the raw and the averaged weights
+    epochs = planned_epochs(config)
+    schedule = state.scheduler.lr_lambdas[0] if isinstance(state.scheduler, torch.optim.lr_scheduler.LambdaLR) else None
+    budget = TimeBudget(config.train.max_minutes, started, steps_per_epoch,
+                        schedule if isinstance(schedule, CosineSchedule) else None,
+                        epochs * steps_per_epoch if epochs is not None else None,
+                        validation_share=validated / max(1, sizes["train"]),
+                        final_share=(sizes["val"] + sizes.get(final_split, 0)) / validated, broadcast=distributed.broadcast)
+    if state.budget_state:  # resumed: the time spent and the speeds measured so far, and a plan from them
+        budget.load_state_dict(state.budget_state)
+        budget.plan(state.steps)
+        log.info(f"time budget train.max_minutes={config.train.max_minutes:g}: {state.budget_state['seconds_used'] / 60:.1f} spent "
+                 f"before this resume; planned {budget.total_steps} steps in all ({state.steps} taken)")
+    else:
+        log.info(f"time budget train.max_minutes={config.train.max_minutes:g}: the schedule is planned over the steps it allows, "
+                 "from the speed of the first steps")
+    return budget
+
+
 def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None,
-         loggers: ExperimentLoggers | None, on_epoch: Callable[[int, dict[str, float]], None] | None) -> dict:
+         loggers: ExperimentLoggers | None, on_epoch: Callable[[int, dict[str, float]], None] | None,
+         started: float) -> dict:
+    """Train epochs until `train.epochs` or the time budget's plan (counted from `started`) ends."""
     distributed = runtime.distributed
     is_main = distributed.is_main
     # ---- data, model, optimiser, loss: the set-up lr-find shares
@@ -724,8 +782,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
              f"{runtime.precision} on {runtime.device}, {setup.workers} loader worker(s), "
              f"{'decoded-image cache' if prepared.cached else 'decoding from files'}"
              + (f", {distributed.world_size} processes" if distributed.enabled else ""))
-    scheduler, schedule_every = build_scheduler(setup.optimizer, config,
-                                                math.ceil(len(setup.train_loader) / config.train.accumulate))
+    steps_per_epoch = math.ceil(len(setup.train_loader) / config.train.accumulate)
+    scheduler, schedule_every = build_scheduler(setup.optimizer, config, steps_per_epoch)
     ema = None
     if config.train.ema:
         from timm.utils import ModelEmaV3
@@ -733,6 +791,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         ema = ModelEmaV3(model, decay=config.train.ema_decay, use_warmup=True)
     state = TrainingState(model, setup.optimizer, scheduler, runtime.grad_scaler(), ema)
     monitor = config.train.monitor
+    epochs = planned_epochs(config)
 
     # ---- resume: every piece of state, so the run continues as if never stopped
     checkpoints = CheckpointSet(RunFolder(run_dir).checkpoints)
@@ -745,6 +804,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         if is_main:
             truncate_metrics(RunFolder(run_dir).metrics, checkpoint["epoch"])
         log.info(f"resumed after epoch {state.epoch} (best {monitor} {state.best:.4f} at epoch {state.best_epoch})")
+    if config.train.max_minutes is not None:
+        state.budget = _time_budget(config, state, prepared, steps_per_epoch, started, distributed)
     if distributed.enabled and config.model.freeze_epochs:
         raise ImgclsError("model.freeze_epochs does not work with torchrun yet (DDP needs a fixed set of trained "
                           "parameters); use optim.backbone_lr_ratio instead")
@@ -757,26 +818,23 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     if config.train.compile:
         trained = torch.compile(trained)  # evaluation and checkpoints keep using the plain `model`
 
-    # ---- epochs
-    started = time.perf_counter()
-    last_epoch_seconds = 0.0
-    start_epoch = state.epoch + 1
-    for epoch in range(start_epoch, config.train.epochs + 1):
-        elapsed_minutes = (time.perf_counter() - started + last_epoch_seconds) / 60
-        if config.train.max_minutes is not None and epoch > start_epoch and elapsed_minutes > config.train.max_minutes:
-            log.info(f"stopping before epoch {epoch}: it would end after train.max_minutes={config.train.max_minutes}")
-            break
+    # ---- epochs: until train.epochs, or the time budget's plan, ends
+    fit_started = time.perf_counter()
+    epoch = state.epoch
+    while (epochs is None or epoch < epochs) and not state.out_of_time():
+        epoch += 1
+        of = f"{epoch}/{epochs or state.budget.planned_epochs()}"
         if config.model.freeze_epochs:
             set_backbone_trainable(model, trainable=epoch > config.model.freeze_epochs)
         setup.generator.manual_seed(config.seed + epoch)  # the order depends only on (seed, epoch)
         if isinstance(setup.sampler, DistributedSampler):
             setup.sampler.set_epoch(epoch)
+        steps_before = state.steps
         stats = train_one_epoch(
             trained, setup.train_loader, setup.optimizer, setup.loss_function, runtime, state.scaler,
             augment=setup.augment, mixing=setup.mixing, step_scheduler=scheduler if schedule_every == "step" else None,
-            grad_clip=config.train.grad_clip, accumulate=config.train.accumulate,
-            after_step=state.update_ema if ema is not None else None,
-            description=f"epoch {epoch}/{config.train.epochs}", log_every=config.train.log_every, task=task,
+            grad_clip=config.train.grad_clip, accumulate=config.train.accumulate, after_step=state.after_step,
+            description=f"epoch {of}", log_every=config.train.log_every, task=task, stop=state.out_of_time,
         )
         lr = setup.optimizer.param_groups[0]["lr"]
         validation_started = time.perf_counter()
@@ -807,7 +865,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             checkpoints.save(saved, best=best_files)
         headline = "  ".join(f"val_{key} {row[f'val_{key}']:.4f}" for key in task.headline[:2])
         log.info(
-            f"epoch {epoch}/{config.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"epoch {of}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"{headline}  lr {lr:.2e}  "
             f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s  {row['train_gflops_per_s']:.0f} GFLOP/s"
             + (f"  val_ema_{task.headline[0]} {row[f'val_ema_{task.headline[0]}']:.4f}" if ema is not None else "")
@@ -816,7 +874,9 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         if stats["data_wait"] > 0.2:
             log.warning(f"{stats['data_wait']:.0%} of the step time was spent waiting for data; "
                         "use data.cache=on, a smaller image size, or more data.workers")
-        last_epoch_seconds = row["epoch_seconds"]
+        if state.budget is not None:  # the plan, corrected with this epoch's times: training, and the rest
+            state.budget.after_epoch(state.steps, stats["seconds"], state.steps - steps_before,
+                                     time.perf_counter() - validation_started)
         if on_epoch is not None and is_main:
             on_epoch(epoch, row)  # may raise RunStopped
         if config.train.patience is not None and state.stale_epochs >= config.train.patience:
@@ -824,9 +884,12 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                      f"(best at epoch {state.best_epoch})")
             break
 
+    if state.out_of_time():
+        log.info(f"time budget: the {state.steps} planned steps are taken, {state.budget.elapsed() / 60:.2f} of "
+                 f"train.max_minutes={config.train.max_minutes:g} spent; the rest is kept for the final evaluation")
     checksums = distributed.gather(parameters_checksum(model))
     result = {"best_epoch": state.best_epoch, "best": {monitor: state.best}, "last_epoch": row,
-              "train_minutes": (time.perf_counter() - started) / 60}
+              "train_minutes": (time.perf_counter() - fit_started) / 60}
     if distributed.enabled:
         result.update(world_size=distributed.world_size, ranks_in_sync=len(set(checksums)) == 1)
     return result

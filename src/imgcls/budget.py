@@ -1,0 +1,168 @@
+"""Time budgets: the optimiser steps that `train.max_minutes` can buy, laid out before they are taken.
+
+A schedule laid over the steps a budget allows beats a longer schedule cut off in the middle (budgeted
+training, Li et al. 2020): the learning rate should reach its end when the time does. The plan is made
+from the measured speed of the first steps of the run, and corrected after every epoch from the measured
+time of training and validation, keeping back what the final calibration and test evaluation will take.
+The budget counts from the start of `train()`: reading and caching the data, validation and the final
+evaluation all spend it.
+
+The plan lives in `CosineSchedule`, the learning-rate lambda itself, so that LambdaLR's state_dict (which
+saves the attributes of a callable object) carries it through a checkpoint: a resumed run continues the
+same plan with the time its earlier part used.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+__all__ = ["cosine_with_warmup", "CosineSchedule", "TimeBudget", "DEFAULT_EPOCHS"]
+
+DEFAULT_EPOCHS = 10  # train.epochs when neither it nor train.max_minutes is set
+
+# the first steps of a run are slower (memory allocation, thread start-up): the speed is measured after them
+PROBE_SKIP_STEPS = 3
+PROBE_STEPS = 20
+# kept back from every plan for what the estimates miss: progress lines, checkpoint writes, drift in speed
+SAFETY_SHARE = 0.03
+# at most this share of the planned steps warms up, so a short budget is not mostly warm-up
+WARMUP_MAX_SHARE = 0.1
+# a planned last epoch shorter than this share of an epoch is left out (unless it is all there is)
+SHORTEST_LAST_EPOCH = 0.25
+# the final evaluation: calibration predicts val again, the test split once, then metrics, plots and files
+FINAL_OVERHEAD_SECONDS = 5.0
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up from ~0 to 1, then half a cosine down to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class CosineSchedule:
+    """LambdaLR's multiplier for step `step`: warm-up over `warmup_steps`, cosine to 0 at `total_steps`.
+    A TimeBudget may move `total_steps` (and the warm-up, while it lasts) as its estimates improve."""
+
+    def __init__(self, warmup_steps: int, total_steps: int):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        return cosine_with_warmup(step, self.warmup_steps, self.total_steps)
+
+
+class TimeBudget:
+    """Plans the number of optimiser steps that fit in `minutes`, and revises it as the run goes.
+
+    Args:
+        minutes: the budget, from `started`.
+        started: `time.perf_counter()` when this process began the run (before its data was read); a
+            resumed run adds the time spent before (`load_state_dict`).
+        steps_per_epoch: optimiser steps of one full epoch.
+        schedule: the learning-rate plan it revises (its warm-up as asked by `optim.warmup_epochs`).
+        max_steps: at most this many steps in all (`train.epochs` x steps per epoch), or None.
+        validation_share: images validated per epoch / images trained per epoch, for the first estimate of
+            a validation pass before one has been timed.
+        final_share: images the final evaluation predicts (val again for calibration, and test) / images
+            validated per epoch.
+        broadcast: hands rank 0's plan to every rank of a torchrun job (identity otherwise).
+    """
+
+    def __init__(self, minutes: float, started: float, steps_per_epoch: int,
+                 schedule: CosineSchedule | None, max_steps: int | None, validation_share: float,
+                 final_share: float, broadcast=lambda value: value):
+        self.seconds = minutes * 60
+        self.started = started
+        self.steps_per_epoch = steps_per_epoch
+        self.schedule = schedule
+        self.requested_warmup = schedule.warmup_steps if schedule is not None else 0
+        self.max_steps = max_steps
+        self.validation_share = validation_share
+        self.final_share = final_share
+        self.broadcast = broadcast
+        # until the first plan: the schedule's first guess, or no limit
+        self.total_steps = max_steps if max_steps is not None else (schedule.total_steps if schedule else 2**62)
+        self.step_seconds: float | None = None  # measured seconds per optimiser step
+        self.validation_seconds: float | None = None  # measured seconds per validation pass
+        self._probe: tuple[int, float] | None = None  # (step, time) where the speed measurement began
+
+    def elapsed(self) -> float:
+        """Seconds of the budget spent, by this process and, when resumed, before it."""
+        return time.perf_counter() - self.started
+
+    def state_dict(self) -> dict:
+        return {"seconds_used": self.elapsed(), "total_steps": self.total_steps, "step_seconds": self.step_seconds,
+                "validation_seconds": self.validation_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a checkpoint's budget: its time is spent, its measured speeds are the estimates
+        until this process measures its own."""
+        self.started -= state["seconds_used"]
+        self.total_steps = state["total_steps"]
+        self.step_seconds, self.validation_seconds = state["step_seconds"], state["validation_seconds"]
+
+    def after_step(self, step: int) -> None:
+        """Called after optimiser step `step` (1-based count): measures the first steps' speed, then plans."""
+        if self.step_seconds is not None or step < PROBE_SKIP_STEPS:
+            return
+        if self._probe is None:
+            self._probe = (step, time.perf_counter())
+        elif step - self._probe[0] >= PROBE_STEPS:
+            self.step_seconds = (time.perf_counter() - self._probe[1]) / (step - self._probe[0])
+            self.plan(step)
+
+    def after_epoch(self, step: int, train_seconds: float, steps: int, validation_seconds: float) -> None:
+        """Called at the end of each epoch, with what it measured: `steps` optimiser steps took
+        `train_seconds`, and the rest of the epoch (validation, checkpoints) `validation_seconds`."""
+        if steps > 0:
+            self.step_seconds = train_seconds / steps
+        self.validation_seconds = validation_seconds
+        self.plan(step)
+
+    def plan(self, step: int) -> None:
+        """Set the total number of steps from the time left after `step`. Rank 0 plans; the others of a
+        torchrun job receive its plan (their clocks differ a little)."""
+        if self.step_seconds is None:  # nothing measured yet
+            return
+        total = self.broadcast(self._planned_total(step))
+        self.total_steps = total
+        if self.schedule is not None:
+            self.schedule.total_steps = total
+            if step < self.schedule.warmup_steps:  # a warm-up already under way is not moved
+                self.schedule.warmup_steps = max(1, min(self.requested_warmup, round(WARMUP_MAX_SHARE * total)))
+
+    def _planned_total(self, step: int) -> int:
+        step_seconds = self.step_seconds or 0.0
+        validation = self.validation_seconds
+        if validation is None:  # not timed yet: prediction costs about a third of a training step per image
+            validation = self.validation_share * self.steps_per_epoch * step_seconds / 3
+        final = validation * self.final_share + FINAL_OVERHEAD_SECONDS
+        left = self.seconds * (1 - SAFETY_SHARE) - self.elapsed() - final
+        # the most steps S whose time, with the validations V at the end of every epoch they finish (the
+        # current one included) and of the last, partial one, fits: S * step + V * validation <= left
+        epoch_steps_done = step % self.steps_per_epoch
+
+        def seconds(steps: int) -> float:
+            return steps * step_seconds + math.ceil((epoch_steps_done + steps) / self.steps_per_epoch) * validation
+
+        low, high = 0, int(max(0.0, left) / max(step_seconds, 1e-9))
+        while low < high:  # binary search: the time grows with the steps
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if seconds(middle) <= left else (low, middle - 1)
+        steps = low
+        tail = (epoch_steps_done + steps) % self.steps_per_epoch
+        if steps > tail and tail < self.steps_per_epoch * SHORTEST_LAST_EPOCH:
+            steps -= tail  # a short last epoch would cost a whole validation for a few steps
+        total = step + steps
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        return max(total, step)
+
+    def done(self, step: int) -> bool:
+        return step >= self.total_steps
+
+    def planned_epochs(self) -> int:
+        return max(1, math.ceil(self.total_steps / self.steps_per_epoch))

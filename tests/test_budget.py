@@ -1,0 +1,108 @@
+"""Time budgets (`train.max_minutes`): the plan of steps that fits, the schedule laid over it, a real run
+that ends inside its budget with the learning rate at its end, and resume continuing the plan."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import imgcls
+from imgcls.budget import SAFETY_SHARE, CosineSchedule, TimeBudget
+from imgcls.config import load_config
+from tests.conftest import stop_after_epochs
+
+FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def planned(minutes: float, step_seconds: float, validation_seconds: float, steps_per_epoch: int = 100,
+            max_steps: int | None = None, final_share: float = 2.0) -> tuple[TimeBudget, CosineSchedule]:
+    schedule = CosineSchedule(warmup_steps=steps_per_epoch, total_steps=10 * steps_per_epoch)
+    budget = TimeBudget(minutes, time.perf_counter(), steps_per_epoch, schedule, max_steps,
+                        validation_share=0.1, final_share=final_share)
+    budget.after_epoch(0, step_seconds * 10, 10, validation_seconds)  # measured: 10 steps, one validation
+    return budget, schedule
+
+
+def test_the_plan_fills_the_budget_with_whole_epochs_and_the_schedule_ends_with_it():
+    # 10 minutes; an epoch is 100 steps of 0.1 s plus a 2 s validation; the final evaluation ~2 validations + 5 s
+    budget, schedule = planned(10, step_seconds=0.1, validation_seconds=2.0)
+    available = 600 * (1 - SAFETY_SHARE) - (2.0 * 2.0 + 5.0)
+
+    def seconds(steps: int) -> float:  # the steps and a validation at the end of each epoch they start
+        return steps * 0.1 + math.ceil(steps / 100) * 2.0
+
+    # 47 epochs and 69-70 steps (the milliseconds since `started` count too)
+    assert seconds(budget.total_steps) <= available < seconds(budget.total_steps + 2)
+    assert schedule.total_steps == budget.total_steps  # the cosine reaches 0 at the last planned step
+    assert schedule(budget.total_steps) == pytest.approx(0.0)
+    assert schedule.warmup_steps == 100  # one epoch, as asked: under a tenth of the plan
+    assert budget.planned_epochs() == 48 and not budget.done(budget.total_steps - 1) and budget.done(budget.total_steps)
+
+
+def test_a_last_epoch_of_a_few_steps_is_left_out():
+    # 1.99 epochs of 12 s fit after the final evaluation's 9 s: the second epoch is cut at 99 steps; 1.2 would not
+    budget, _ = planned(10, step_seconds=0.1, validation_seconds=2.0)
+    short, _ = planned((12 * 1.2 + 2 + 9) / (60 * (1 - SAFETY_SHARE)), step_seconds=0.1, validation_seconds=2.0)
+    assert short.total_steps == 100  # 1 epoch and 20 steps fit; the 20 would cost a whole validation
+
+
+def test_a_short_budget_warms_up_over_a_tenth_of_it_and_may_end_inside_an_epoch():
+    budget, schedule = planned(1, step_seconds=0.1, validation_seconds=1.0, steps_per_epoch=1000)
+    assert 0 < budget.total_steps < 1000  # less than one epoch fits: a partial epoch, the schedule over it
+    assert schedule.warmup_steps == round(0.1 * budget.total_steps)
+
+
+def test_train_epochs_caps_the_plan_and_a_spent_budget_plans_nothing_more():
+    budget, _ = planned(10, step_seconds=0.1, validation_seconds=2.0, max_steps=300)
+    assert budget.total_steps == 300
+    spent, _ = planned(0.01, step_seconds=0.1, validation_seconds=2.0)  # 0.6 s: nothing fits
+    assert spent.total_steps == 0 and spent.done(0)
+
+
+def test_a_budgeted_run_ends_inside_its_budget_with_the_learning_rate_at_its_end(shapes_folder, tmp_path):
+    started = time.perf_counter()
+    run = imgcls.train(load_config(overrides=[f"data.path={shapes_folder}", f"run.dir={tmp_path}",
+                                              "train.max_minutes=0.3", *FAST]))
+    seconds = time.perf_counter() - started
+    rows = metrics_rows(run)
+    assert len(rows) > 3  # as many epochs as 18 s allow
+    assert seconds <= 0.3 * 60 + 3  # the budget, plus what no plan controls (importing, process start)
+    # the last epoch's logged rate is the one of its last step, near the cosine's end
+    assert float(rows[-1]["lr"]) < 0.1 * max(float(row["lr"]) for row in rows)
+    log = (run / "log.txt").read_text()
+    assert "time budget train.max_minutes=0.3" in log and "planned steps are taken" in log
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_path):
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "imgcls", "train", str(shapes_folder), "train.max_minutes=0.4",
+               f"run.dir={runs}", "run.name=budget", *FAST]
+    stop_after_epochs(command, runs / "budget" / "metrics.csv", 3)
+    from imgcls.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(runs / "budget" / "checkpoints" / "last.ckpt")
+    spent, plan = checkpoint["budget"]["seconds_used"], checkpoint["budget"]["total_steps"]
+    assert 0 < spent < 24 and plan > checkpoint["steps"]
+
+    imgcls.train(resume=runs / "budget")
+    log = (runs / "budget" / "log.txt").read_text()
+    assert f"{spent / 60:.1f} spent before this resume" in log
+    rows = metrics_rows(runs / "budget")
+    assert [int(row["epoch"]) for row in rows] == list(range(1, len(rows) + 1))
+    assert float(rows[-1]["lr"]) < 0.1 * max(float(row["lr"]) for row in rows)  # the same cosine, ended
+    with pytest.raises(imgcls.ImgclsError, match="already spent its train.max_minutes=0.4"):
+        imgcls.train(resume=runs / "budget")
+    imgcls.train(resume=runs / "budget", overrides=["train.max_minutes=0.6"])  # a larger budget continues it
+    assert len(metrics_rows(runs / "budget")) > len(rows)
