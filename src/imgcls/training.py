@@ -27,6 +27,7 @@ from imgcls.data import (
     make_loader, median_side, read_splits_csv, resolve_source, subsample_train, write_splits_csv,
 )
 from imgcls.data.augment import build_mixing
+from imgcls.data.checks import mirror_check
 from imgcls.data.sources import as_task
 from imgcls.errors import ImgclsError
 from imgcls.evaluation import calibrate, evaluate, predict_loader
@@ -247,9 +248,17 @@ def resolve_task(config: Config, source: DataSource) -> Config:
     return replace(config, task=name, loss=replace(config.loss, name=loss), train=replace(config.train, monitor=monitor))
 
 
+def automatic_batch_size(train_images: int) -> int:
+    """`train.batch_size=auto`: 64, halved down to 16 while an epoch would have fewer than 100 batches."""
+    batch_size = 64
+    while batch_size > 16 and train_images / batch_size < 100:
+        batch_size //= 2
+    return batch_size
+
+
 def _resolve_auto(config: Config, source: DataSource) -> Config:
-    """Fill in `model.name=auto`, `data.image_size=None` and the task from the data, so the saved config
-    is explicit."""
+    """Fill in `model.name=auto`, `data.image_size=None`, `data.horizontal_flip=None`, `train.batch_size=None`
+    and the task from the data, so the saved config is explicit."""
     config = resolve_task(config, source)
     model_name, image_size = config.model.name, config.data.image_size
     if model_name == "auto" or (image_size is None and model_name == "small_resnet"):
@@ -260,7 +269,16 @@ def _resolve_auto(config: Config, source: DataSource) -> Config:
             image_size = int(min(64, max(16, math.ceil(side / 4) * 4)))  # a multiple of 4 for two 2x downsamplings
     if image_size is None:
         image_size = default_preprocessing(model_name)["image_size"]
-    return replace(config, model=replace(config.model, name=model_name), data=replace(config.data, image_size=image_size))
+    flip = config.data.horizontal_flip
+    if flip is None:
+        check = mirror_check(source)
+        flip = check is None or not check.flips_hurt
+        if check is not None:
+            log.info(f"data.horizontal_flip={str(flip).lower()}: {check.describe()}")
+    batch_size = config.train.batch_size or automatic_batch_size(len(source.splits["train"]))
+    return replace(config, model=replace(config.model, name=model_name),
+                   data=replace(config.data, image_size=image_size, horizontal_flip=flip),
+                   train=replace(config.train, batch_size=batch_size))
 
 
 def _log_data_summary(source: DataSource, class_names: list[str]) -> None:
