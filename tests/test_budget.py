@@ -1,5 +1,6 @@
 """Time budgets (`train.max_minutes`): the plan of steps that fits, the schedule laid over it, a real run
-that ends inside its budget with the learning rate at its end, and resume continuing the plan."""
+that ends inside its budget with the learning rate at its end, and resume continuing the plan; and the
+automatic choices a short run depends on (batch size, horizontal flips)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import pytest
 import imgcls
 from imgcls.budget import SAFETY_SHARE, CosineSchedule, TimeBudget
 from imgcls.config import load_config
+from imgcls.data import assign_splits, resolve_source
+from imgcls.data.checks import mirror_check
+from imgcls.training import automatic_batch_size
 from tests.conftest import stop_after_epochs
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
@@ -106,3 +110,15 @@ def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_pa
         imgcls.train(resume=runs / "budget")
     imgcls.train(resume=runs / "budget", overrides=["train.max_minutes=0.6"])  # a larger budget continues it
     assert len(metrics_rows(runs / "budget")) > len(rows)
+
+
+def test_automatic_choices_are_written_auto_and_follow_the_data(shapes_folder):
+    config = load_config(overrides=["train.epochs=auto", "train.batch_size=auto", "data.horizontal_flip=auto"])
+    assert (config.train.epochs, config.train.batch_size, config.data.horizontal_flip) == (None, None, None)
+    # 64, halved while an epoch has fewer than 100 batches, down to 16
+    assert [automatic_batch_size(n) for n in (500, 1295, 3000, 5400, 6400, 54000)] == [16, 16, 16, 32, 64, 64]
+    digits = mirror_check(assign_splits(resolve_source("digits"), 0.1, 0.1, 0))
+    assert digits.flips_hurt and digits.mirrors_recognised < 0.5 * digits.recognised  # 34% vs 99%
+    assert "mirror images" in digits.describe()
+    shapes = mirror_check(assign_splits(resolve_source(str(shapes_folder)), 0.1, 0.1, 0))
+    assert not shapes.flips_hurt  # circles, squares and triangles: their mirror images are the same shapes

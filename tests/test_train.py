@@ -131,15 +131,22 @@ def test_auto_model_and_size_follow_the_images(shapes_folder, tmp_path):
     digits = assign_splits(resolve_source("digits"), 0.1, 0.1, 0)
     config = _resolve_auto(load_config(), digits)  # 8 px digits -> the small CNN at 16 px
     assert (config.model.name, config.data.image_size) == ("small_resnet", 16)
+    # 1,295 training images: batches of 16 (81 per epoch); a mirrored digit is no digit: no flips
+    assert (config.train.batch_size, config.data.horizontal_flip) == (16, False)
+    config = _resolve_auto(load_config(), source)  # 96 generated shapes: mirror images are the same shapes
+    assert (config.train.batch_size, config.data.horizontal_flip) == (16, True)
+    explicit = _resolve_auto(load_config(overrides=["train.batch_size=64", "data.horizontal_flip=true"]), digits)
+    assert (explicit.train.batch_size, explicit.data.horizontal_flip) == (64, True)
 
 
 @pytest.mark.slow
-def test_digits_real_data_reaches_90_percent(tmp_path):
-    """Real data: scikit-learn's handwritten digits, the default recipe, 15 epochs (~30 s)."""
-    run = imgcls.train(load_config(overrides=["data.path=digits", "train.epochs=15", f"run.dir={tmp_path}"]))
+def test_digits_real_data_reaches_92_percent_in_four_epochs(tmp_path):
+    """Real data: scikit-learn's handwritten digits, the default recipe, a short run of 4 epochs (~15 s).
+    Before batch_size=auto and horizontal_flip=auto (batch 64, flips on) it reached 0.78-0.82."""
+    run = imgcls.train(load_config(overrides=["data.path=digits", "train.epochs=4", f"run.dir={tmp_path}"]))
     metrics = imgcls.evaluate(run, split="test", quiet=True)
     assert metrics["n"] == 359
-    assert metrics["acc1"] >= 0.90, metrics
+    assert metrics["acc1"] >= 0.92, metrics
     # temperature scaling, fitted on val at the end of training, lowers the test NLL and keeps top-1
     assert metrics["temperature"] != 1.0
     assert metrics["nll_calibrated"] < metrics["loss"], metrics

@@ -33,6 +33,7 @@ from imgcls.errors import ImgclsError
 from imgcls.evaluation import calibrate, evaluate, predict_loader
 from imgcls.models import (
     create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image,
+    zero_init_residuals,
 )
 from imgcls.runtime import CoreShare, Distributed, Runtime, rng_state, seed_everything, set_rng_state
 from imgcls.tasks import SingleLabel, Task, get_task
@@ -353,6 +354,8 @@ def build_model(config: Config, num_classes: int, train_dataset) -> tuple[nn.Mod
              + (" (pretrained weights')" if config.model.pretrained else " (training images)"))
     model = create_model(config.model.name, num_classes, *normalisation, config.model.drop_rate,
                          config.model.pretrained, config.model.head_hidden)
+    if config.model.zero_init_residual and config.model.name == "small_resnet":
+        zero_init_residuals(model)
     return model, normalisation
 
 
@@ -883,7 +886,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             checkpoints.save(saved, best=best_files)
         headline = "  ".join(f"val_{key} {row[f'val_{key}']:.4f}" for key in task.headline[:2])
         log.info(
-            f"epoch {of}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"epoch {epoch}/{epochs or state.budget.planned_epochs()}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"{headline}  lr {lr:.2e}  "
             f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s  {row['train_gflops_per_s']:.0f} GFLOP/s"
             + (f"  val_ema_{task.headline[0]} {row[f'val_ema_{task.headline[0]}']:.4f}" if ema is not None else "")
