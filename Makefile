@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_ARGS ?= train.epochs=5 data.augment=none
+DEMO_ARGS ?= train.max_minutes=10
 
 .PHONY: install demo test test-fast clean fashion-mnist-data browser
 

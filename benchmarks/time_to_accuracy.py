@@ -156,6 +156,8 @@ def report(results: Path) -> None:
         found = table.get((loop, budget), [])
         if not found:
             return "-"
+        if all(row["epochs"] == 0 for row in found):
+            return "no epoch ended in time: no model"
         accuracies = [row["test_acc1"] for row in found]
         spread = f" ± {statistics.stdev(accuracies):.3f}" if len(found) > 1 else ""
         epochs = statistics.mean(row["epochs"] for row in found)
@@ -174,13 +176,16 @@ def report(results: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for loop in ("imgcls", "plain"):
-        points = [(budget, [row["test_acc1"] for row in table[(loop, budget)]]) for budget in budgets
-                  if (loop, budget) in table]
+        points = [(budget, [row["test_acc1"] for row in table[(loop, budget)] if row["epochs"] > 0])
+                  for budget in budgets if (loop, budget) in table]
+        points = [(budget, accuracies) for budget, accuracies in points if accuracies]
         if points:
             axes.errorbar([b for b, _ in points], [statistics.mean(a) for _, a in points],
                           yerr=[statistics.stdev(a) if len(a) > 1 else 0 for _, a in points], marker="o",
                           capsize=3, label=loop)
     axes.set_xscale("log")
+    axes.set_xticks(budgets, [f"{budget:g}" for budget in budgets])
+    axes.minorticks_off()
     axes.set_xlabel("wall-clock budget, minutes")
     axes.set_ylabel("Fashion-MNIST test accuracy")
     axes.grid(alpha=0.3)
@@ -196,6 +201,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 123, 777])
     parser.add_argument("--loops", nargs="+", default=["imgcls", "plain"], choices=["imgcls", "plain"])
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--runs", type=Path, help="keep imgcls's run folders here (default: a temporary folder)")
     parser.add_argument("--profile", action="store_true", help="only: where a training step's time goes")
     parser.add_argument("--report", action="store_true", help="only: the table and plot from --results")
     args = parser.parse_args()
@@ -215,14 +221,15 @@ def main() -> None:
                 with open(args.results, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
 
-        with tempfile.TemporaryDirectory() as runs:
+        with tempfile.TemporaryDirectory() as temporary:
+            runs = args.runs or Path(temporary)
             for seed in args.seeds:
                 if "plain" in args.loops and any(("plain", budget, seed) not in done for budget in args.budgets):
                     for row in plain_loop(args.budgets, seed):
                         record(row)
                 for budget in args.budgets:
                     if "imgcls" in args.loops and ("imgcls", budget, seed) not in done:
-                        record(imgcls_run(budget, seed, Path(runs)))
+                        record(imgcls_run(budget, seed, runs))
     report(args.results)
 
 

@@ -15,7 +15,7 @@ def write_yaml(tmp_path, text):
 def test_defaults_load():
     config = load_config()
     assert config == Config()
-    assert config.train.epochs == 10
+    assert config.train.epochs is None  # auto: 10, or what train.max_minutes allows
     assert config.optim.name == "adamw"
     assert config.run.dir == "runs"
     assert config.run.name is None

@@ -126,8 +126,11 @@ def test_auto_model_and_size_follow_the_images(shapes_folder, tmp_path):
         from PIL import Image
 
         Image.open(path).convert("RGB").resize((160, 120)).save(path)
-    config = _resolve_auto(load_config(), assign_splits(resolve_source(str(photos)), 0.25, 0.0, 0))
+    photo_source = assign_splits(resolve_source(str(photos)), 0.25, 0.0, 0)
+    config = _resolve_auto(load_config(), photo_source)
     assert (config.model.name, config.data.image_size) == ("resnet18", 224)
+    short = _resolve_auto(load_config(overrides=["train.epochs=4", "train.max_minutes=5"]), photo_source)
+    assert short.data.augment == "light"  # photos keep their augmentation in short runs too
     digits = assign_splits(resolve_source("digits"), 0.1, 0.1, 0)
     config = _resolve_auto(load_config(), digits)  # 8 px digits -> the small CNN at 16 px
     assert (config.model.name, config.data.image_size) == ("small_resnet", 16)
@@ -137,6 +140,11 @@ def test_auto_model_and_size_follow_the_images(shapes_folder, tmp_path):
     assert (config.train.batch_size, config.data.horizontal_flip) == (16, True)
     explicit = _resolve_auto(load_config(overrides=["train.batch_size=64", "data.horizontal_flip=true"]), digits)
     assert (explicit.train.batch_size, explicit.data.horizontal_flip) == (64, True)
+    # small images: light augmentation for 10 epochs or more, none for shorter runs; with a budget, decided as
+    # it is planned
+    augments = [_resolve_auto(load_config(overrides=overrides), digits).data.augment for overrides in (
+        [], ["train.epochs=4"], ["train.epochs=4", "data.augment=light"], ["train.max_minutes=5"])]
+    assert augments == ["light", "none", "light", "auto"]
 
 
 @pytest.mark.slow

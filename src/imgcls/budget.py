@@ -24,6 +24,9 @@ DEFAULT_EPOCHS = 10  # train.epochs when neither it nor train.max_minutes is set
 # the first steps of a run are slower (memory allocation, thread start-up): the speed is measured after them
 PROBE_SKIP_STEPS = 3
 PROBE_STEPS = 20
+# within an epoch, the plan is corrected from the speed of the last this many steps (an epoch may be longer
+# than the whole budget, and the speed drifts)
+REPLAN_STEPS = 100
 # kept back from every plan for what the estimates miss: progress lines, checkpoint writes, drift in speed
 SAFETY_SHARE = 0.03
 # at most this share of the planned steps warms up, so a short budget is not mostly warm-up
@@ -99,19 +102,23 @@ class TimeBudget:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a checkpoint's budget: its time is spent, its measured speeds are the estimates
-        until this process measures its own."""
+        until this process has measured REPLAN_STEPS steps of its own."""
         self.started -= state["seconds_used"]
         self.total_steps = state["total_steps"]
         self.step_seconds, self.validation_seconds = state["step_seconds"], state["validation_seconds"]
 
     def after_step(self, step: int) -> None:
-        """Called after optimiser step `step` (1-based count): measures the first steps' speed, then plans."""
-        if self.step_seconds is not None or step < PROBE_SKIP_STEPS:
+        """Called after optimiser step `step` (1-based count): measures the first steps' speed and plans,
+        then corrects the plan every REPLAN_STEPS steps from their speed."""
+        if step < PROBE_SKIP_STEPS:
             return
         if self._probe is None:
             self._probe = (step, time.perf_counter())
-        elif step - self._probe[0] >= PROBE_STEPS:
-            self.step_seconds = (time.perf_counter() - self._probe[1]) / (step - self._probe[0])
+            return
+        steps = step - self._probe[0]
+        if steps >= (PROBE_STEPS if self.step_seconds is None else REPLAN_STEPS):
+            self.step_seconds = (time.perf_counter() - self._probe[1]) / steps
+            self._probe = (step, time.perf_counter())
             self.plan(step)
 
     def after_epoch(self, step: int, train_seconds: float, steps: int, validation_seconds: float) -> None:
@@ -120,6 +127,7 @@ class TimeBudget:
         if steps > 0:
             self.step_seconds = train_seconds / steps
         self.validation_seconds = validation_seconds
+        self._probe = None  # the next epoch's speed is measured from its own steps
         self.plan(step)
 
     def plan(self, step: int) -> None:

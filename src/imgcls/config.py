@@ -42,9 +42,12 @@ class DataConfig:
     resize: Literal["crop", "pad", "squish"] = "crop"
     """How an image becomes a square: centre `crop` of the shorter side, `pad` (letterbox, nothing cut
     off), or `squish` (stretch)."""
-    augment: Literal["none", "light", "standard", "strong"] = "light"
+    augment: Literal["auto", "none", "light", "standard", "strong"] = "auto"
     """Train-time augmentation preset. light: flip + padded random crop; standard: flip + random resized
     crop + colour jitter; strong: standard + RandAugment + random erasing (timm's strong recipes).
+    auto: light, except for images of 64 px or less in runs under 10 epochs, which learn faster
+    unaugmented: none (with `train.max_minutes`, decided each epoch from the epochs the budget plans; the
+    first is unaugmented).
     Evaluation never augments."""
     horizontal_flip: Optional[bool] = None
     """Mirror images left-right in the light, standard and strong presets, and in test-time augmentation

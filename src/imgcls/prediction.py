@@ -123,7 +123,7 @@ class Predictor:
     @property
     def flip_allowed(self) -> bool:
         """False for a model trained with data.horizontal_flip=false: flip TTA leaves the mirror out."""
-        return bool(((self.metadata.get("config") or {}).get("data") or {}).get("horizontal_flip", True))
+        return ((self.metadata.get("config") or {}).get("data") or {}).get("horizontal_flip", True) is not False
 
     def reject_threshold(self, reject: str | float | None) -> float | None:
         """The confidence below which a single-label `predict` answers `unknown`: None (never), a number,

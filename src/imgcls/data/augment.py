@@ -18,9 +18,12 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from imgcls.config import DataConfig
 
-__all__ = ["build_augment", "build_mixing", "PRESETS", "AUTO_AUGMENT_POLICIES"]
+__all__ = ["build_augment", "build_mixing", "PRESETS", "AUTO_AUGMENT_POLICIES", "AUGMENT_MIN_EPOCHS"]
 
-PRESETS = ("none", "light", "standard", "strong")
+PRESETS = ("auto", "none", "light", "standard", "strong")
+# data.augment=auto: images of 64 px or less are not augmented in runs shorter than this, which learn
+# faster unaugmented (Fashion-MNIST, a quarter of it in 1.5 minutes: see the README's "Time budgets")
+AUGMENT_MIN_EPOCHS = 10
 AUTO_AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
 
 # The presets' strengths. `strong` follows timm's strong recipes (RandAugment m9 n2 + erasing 0.25 on top
@@ -57,6 +60,8 @@ def build_augment(data_config: DataConfig, size: int) -> nn.Module | None:
     import kornia.augmentation as K
 
     preset, policy = data_config.augment, data_config.auto_augment
+    if preset == "auto":  # training decides when to use it (AUGMENT_MIN_EPOCHS): the augmentation it would use
+        preset = "light"
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; use one of {', '.join(PRESETS)}")
     if policy not in AUTO_AUGMENT_POLICIES:
@@ -73,7 +78,7 @@ def build_augment(data_config: DataConfig, size: int) -> nn.Module | None:
         steps.append(K.RandomCrop((size, size), padding=max(1, size // 8), padding_mode="reflect"))
     elif preset in ("standard", "strong"):
         steps.append(K.RandomResizedCrop((size, size), scale=(0.35, 1.0)))
-    if preset != "none" and data_config.horizontal_flip:
+    if preset != "none" and data_config.horizontal_flip is not False:  # None (auto, unresolved): the usual flip
         steps.append(K.RandomHorizontalFlip())
     if color_jitter > 0:
         steps.append(K.ColorJitter(color_jitter, color_jitter, color_jitter, p=1.0))

@@ -42,6 +42,7 @@ class DataSource:
     origin: str = ""  # where the data came from, for messages
     unsplit: list[tuple[str, Label]] = field(default_factory=list)  # images with no split yet
     multi_label: bool = False
+    notes: list[str] = field(default_factory=list)  # choices made from the data, for the run's log
 
     @property
     def class_names(self) -> list[str]:
