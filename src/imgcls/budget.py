@@ -2,8 +2,9 @@
 
 A schedule laid over the steps a budget allows beats a longer schedule cut off in the middle (budgeted
 training, Li et al. 2020): the learning rate should reach its end when the time does. The plan is made
-from the measured speed of the first steps of the run, and corrected after every epoch from the measured
-time of training and validation, keeping back what the final calibration and test evaluation will take.
+from the measured speed of the first steps of the run, and corrected every 100 steps and after every epoch
+from the measured time of training and validation, keeping back what the final calibration and test
+evaluation will take.
 The budget counts from the start of `train()`: reading and caching the data, validation and the final
 evaluation all spend it.
 
@@ -139,7 +140,7 @@ class TimeBudget:
         self.total_steps = total
         if self.schedule is not None:
             self.schedule.total_steps = total
-            if step < self.schedule.warmup_steps:  # a warm-up already under way is not moved
+            if step < self.schedule.warmup_steps:  # only while it lasts: a finished warm-up stays as it was
                 self.schedule.warmup_steps = max(1, min(self.requested_warmup, round(WARMUP_MAX_SHARE * total)))
 
     def _planned_total(self, step: int) -> int:
@@ -162,8 +163,8 @@ class TimeBudget:
             low, high = (middle, high) if seconds(middle) <= left else (low, middle - 1)
         steps = low
         tail = (epoch_steps_done + steps) % self.steps_per_epoch
-        if steps > tail and tail < self.steps_per_epoch * SHORTEST_LAST_EPOCH:
-            steps -= tail  # a short last epoch would cost a whole validation for a few steps
+        if step + steps > tail and tail < self.steps_per_epoch * SHORTEST_LAST_EPOCH:
+            steps = max(0, steps - tail)  # a short last epoch would cost a whole validation for a few steps
         total = step + steps
         if self.max_steps is not None:
             total = min(total, self.max_steps)
