@@ -80,6 +80,7 @@ def imgcls_run(data: Path, size: int, batch_size: int, epochs: int, runs: Path) 
     config = imgcls.load_config(overrides=[
         f"data.path={data}", "model.name=resnet18", f"data.image_size={size}", f"train.batch_size={batch_size}",
         f"train.epochs={epochs}", f"run.dir={runs}", "data.test_fraction=0",
+        "data.augment=light",  # what the plain loop does too (auto would skip it in a 2-epoch run at 64 px)
     ])
     run = imgcls.train(config)
     with open(run / "metrics.csv", newline="") as handle:
