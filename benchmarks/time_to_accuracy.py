@@ -52,25 +52,15 @@ def imgcls_run(budget: float, seed: int, runs: Path) -> dict:
 def plain_loop(budgets: list[float], seed: int) -> list[dict]:
     """The plain loop, run once until the first epoch end past the largest budget; for each budget, the
     accuracy of the last epoch that ended within it."""
-    from torchvision import datasets, transforms
-
     from imgcls.data import materialise
-    from imgcls.models import create_model
+    from train_throughput import plain_fashion_mnist
 
     torch.manual_seed(seed)
     root = materialise("fashion-mnist")
     started = time.perf_counter()
-    normalise = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    train_set = datasets.ImageFolder(str(root / "train"), transforms.Compose([
-        transforms.RandomCrop(28, padding=3, padding_mode="reflect"), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), normalise]))
-    test_set = datasets.ImageFolder(str(root / "test"), transforms.Compose([transforms.ToTensor(), normalise]))
-    train_loader = torch.utils.data.DataLoader(train_set, 64, shuffle=True, num_workers=2, drop_last=True)
-    test_loader = torch.utils.data.DataLoader(test_set, 256, num_workers=2)
-    model = create_model("small_resnet", 10, (0.0,) * 3, (1.0,) * 3).backbone  # normalised by the transform
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     epochs = 15
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=epochs * len(train_loader))
+    train_loader, test_loader, model, optimizer, schedule = plain_fashion_mnist(root, epochs)
+    test_set = test_loader.dataset
     curve = [(0.0, 0, 0.0)]  # (minutes, epoch, test accuracy): before an epoch ends there is no model
     for epoch in range(1, epochs + 1):
         model.train()

@@ -88,26 +88,14 @@ def imgcls_run(data: Path, size: int, batch_size: int, epochs: int, runs: Path) 
     return [float(r["train_images_per_s"]) for r in rows], [float(r["data_wait"]) for r in rows]
 
 
-def fashion_mnist_time_to_accuracy(target: float, max_epochs: int, runs: Path) -> tuple[str, str]:
-    """Wall-clock seconds until test accuracy >= target on Fashion-MNIST, for both loops.
-
-    Both evaluate on the 10,000 test images after every epoch (imgcls by using them as its val split,
-    through a folder of links), so the clocks stop at the same event. Times include imgcls's one-time
-    decoding into its cache and exclude the evaluation passes of both.
-    """
-    import imgcls
-    from imgcls.data import materialise
-    from imgcls.models import create_model
+def plain_fashion_mnist(root: Path, epochs: int) -> tuple:
+    """The plain loop's pieces for Fashion-MNIST at `root` (train/ and test/ class folders): ImageFolder +
+    PIL padded crop and flip, 2 loader workers, batch 64, small_resnet, AdamW 2e-3 with a one-cycle
+    schedule over `epochs`, fp32. Returns (train_loader, test_loader, model, optimizer, schedule)."""
     from torchvision import datasets, transforms
 
-    root = materialise("fashion-mnist")
-    linked = runs / "fashion-mnist-test-as-val"
-    linked.mkdir(parents=True, exist_ok=True)
-    for split, source in (("train", "train"), ("val", "test")):
-        if not (linked / split).exists():
-            (linked / split).symlink_to(root / source)
+    from imgcls.models import create_model
 
-    # (a) plain loop: the same small_resnet, fp32, PIL transforms, 2 workers, batch 64, AdamW 2e-3
     normalise = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     train_set = datasets.ImageFolder(str(root / "train"), transforms.Compose([
         transforms.RandomCrop(28, padding=3, padding_mode="reflect"), transforms.RandomHorizontalFlip(),
@@ -117,7 +105,29 @@ def fashion_mnist_time_to_accuracy(target: float, max_epochs: int, runs: Path) -
     test_loader = torch.utils.data.DataLoader(test_set, 256, num_workers=2)
     model = create_model("small_resnet", 10, (0.0,) * 3, (1.0,) * 3).backbone  # normalised by the transform
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=max_epochs * len(train_loader))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=epochs * len(train_loader))
+    return train_loader, test_loader, model, optimizer, schedule
+
+
+def fashion_mnist_time_to_accuracy(target: float, max_epochs: int, runs: Path) -> tuple[str, str]:
+    """Wall-clock seconds until test accuracy >= target on Fashion-MNIST, for both loops.
+
+    Both evaluate on the 10,000 test images after every epoch (imgcls by using them as its val split,
+    through a folder of links), so the clocks stop at the same event. Times include imgcls's one-time
+    decoding into its cache and exclude the evaluation passes of both.
+    """
+    import imgcls
+    from imgcls.data import materialise
+
+    root = materialise("fashion-mnist")
+    linked = runs / "fashion-mnist-test-as-val"
+    linked.mkdir(parents=True, exist_ok=True)
+    for split, source in (("train", "train"), ("val", "test")):
+        if not (linked / split).exists():
+            (linked / split).symlink_to(root / source)
+
+    # (a) plain loop: the same small_resnet, fp32, PIL transforms, 2 workers, batch 64, AdamW 2e-3
+    train_loader, test_loader, model, optimizer, schedule = plain_fashion_mnist(root, max_epochs)
     clock, plain = 0.0, f"not reached in {max_epochs} epochs"
     for epoch in range(1, max_epochs + 1):
         started = time.perf_counter()
@@ -132,7 +142,7 @@ def fashion_mnist_time_to_accuracy(target: float, max_epochs: int, runs: Path) -
         model.eval()
         with torch.no_grad():
             correct = sum((model(x).argmax(1) == y).sum().item() for x, y in test_loader)
-        accuracy = correct / len(test_set)
+        accuracy = correct / len(test_loader.dataset)
         print(f"  plain  epoch {epoch}: test acc {accuracy:.4f} at {clock:.0f} s", flush=True)
         if accuracy >= target:
             plain = f"{clock:.0f} s (epoch {epoch}, acc {accuracy:.4f})"
