@@ -12,7 +12,7 @@ DEMO_ARGS ?= train.max_minutes=10
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,pretrained,tracking,tune,export,serve]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,pretrained,tracking,tune,export,serve,doctor]"
 	touch $(STAMP)
 
 install: $(STAMP)

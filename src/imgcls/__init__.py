@@ -19,16 +19,17 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
-    "Classifier", "Config", "ImgclsError", "OnnxClassifier", "calibrate", "compare", "cross_validate", "evaluate",
-    "export", "find_learning_rate", "list_models", "load", "load_config", "predict", "serve", "sweep", "train",
-    "tune", "write_report",
+    "Classifier", "Config", "ImgclsError", "OnnxClassifier", "calibrate", "compare", "cross_validate", "diagnose",
+    "evaluate", "export", "find_learning_rate", "list_models", "load", "load_config", "predict", "run_doctor", "serve",
+    "sweep", "train", "tune", "write_report",
 ]
 
 # public name -> the module that defines it
 _SOURCES = {
     "Classifier": "imgcls.prediction", "OnnxClassifier": "imgcls.prediction", "load": "imgcls.prediction",
     "predict": "imgcls.prediction", "Config": "imgcls.config", "load_config": "imgcls.config",
-    "ImgclsError": "imgcls.errors", "calibrate": "imgcls.evaluation", "evaluate": "imgcls.evaluation",
+    "ImgclsError": "imgcls.errors", "diagnose": "imgcls.doctor", "run_doctor": "imgcls.doctor",
+    "calibrate": "imgcls.evaluation", "evaluate": "imgcls.evaluation",
     "compare": "imgcls.comparison", "cross_validate": "imgcls.sweeps", "sweep": "imgcls.sweeps", "tune": "imgcls.sweeps",
     "export": "imgcls.exporting", "find_learning_rate": "imgcls.lr_finder", "list_models": "imgcls.models",
     "serve": "imgcls.serving", "train": "imgcls.training", "write_report": "imgcls.report",

@@ -71,6 +71,30 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from imgcls.config import load_config
+    from imgcls.doctor import failures, parse_fail_on, run_doctor, summary_lines
+
+    fail_on = parse_fail_on(args.fail_on)  # a typo fails before minutes of checks
+    config = load_config(args.config, _with_data_path(args))
+    if not config.data.path:
+        raise ImgclsError("no data: give DATA (a folder, a CSV, or fashion-mnist/digits) or data.path in the config")
+    report, folder = run_doctor(config, labels=args.labels, from_cv=args.from_cv, name=args.name, force=args.force)
+    out = sys.stderr if args.json else sys.stdout
+    for line in summary_lines(report):
+        print(line, file=out)
+    print(f"wrote {folder / 'doctor.html'}, doctor.json and cleaned.csv (train on it: imgcls train "
+          f"{folder / 'cleaned.csv'})", file=out)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    failed = failures(report, fail_on)
+    if failed:
+        print(f"imgcls doctor: failing on {', '.join(sorted({f['fail_kind'] for f in failed}))} (--fail-on)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _lr_find(args: argparse.Namespace) -> int:
     from imgcls.config import load_config
     from imgcls.lr_finder import find_learning_rate
@@ -301,20 +325,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="replace an existing run folder of the same run.name")
     train.set_defaults(handler=_train)
 
+    def add_data_arguments(command: argparse.ArgumentParser) -> None:
+        """DATA, key=value overrides and -c CONFIG, read as `imgcls train` reads them."""
+        command.add_argument("data", nargs="?", help="folder, CSV manifest or packaged dataset")
+        command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+        command.add_argument("-c", "--config", help="YAML config file")
+
     cache = commands.add_parser("cache", help="decode a dataset once into the decoded-image cache; verify or clear it",
                                 description="Decode every image once at the training size (same key=value "
                                             "settings as train), so that training starts at once. --verify and "
                                             "--clear act on the entry for DATA at these settings, or without DATA "
                                             "on every entry of the cache folder.")
-    cache.add_argument("data", nargs="?", help="folder, CSV manifest or packaged dataset")
-    cache.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
-    cache.add_argument("-c", "--config", help="YAML config file")
+    add_data_arguments(cache)
     action = cache.add_mutually_exclusive_group()
     action.add_argument("--verify", action="store_true",
                         help="hash every byte and compare with the hashes recorded at build time; report each "
                              "entry ok or corrupt, remove corrupt ones (and build DATA's again)")
     action.add_argument("--clear", action="store_true", help="remove the entries and report the bytes freed")
     cache.set_defaults(handler=_cache)
+
+    doctor = commands.add_parser("doctor", help="check a dataset: unreadable files, copies and leakage across splits, "
+                                                "class balance, label issues; doctor.html + doctor.json",
+                                 description="Read DATA as imgcls train would (same key=value settings, same splits) "
+                                             "and report what is wrong with it, worst first. Writes "
+                                             "<run.dir>/doctor/NAME/doctor.json, doctor.html and cleaned.csv (a "
+                                             "manifest without training copies of validation and test images).")
+    add_data_arguments(doctor)
+    doctor.add_argument("--labels", action="store_true",
+                        help="also look for wrong labels (cleanlab on out-of-fold predictions of a quick k-fold on "
+                             "image embeddings) and outliers")
+    doctor.add_argument("--from", dest="from_cv", metavar="CV_FOLDER",
+                        help="with --labels: take the out-of-fold predictions of an imgcls cv folder instead")
+    doctor.add_argument("--json", action="store_true", help="print doctor.json on stdout (the summary goes to stderr)")
+    doctor.add_argument("--fail-on", metavar="KINDS",
+                        help="exit with 1 when any of these is found (comma-separated: leakage, conflicts, "
+                             "unreadable, duplicates, label-issues, imbalance), for CI pipelines")
+    doctor.add_argument("--name", help="folder name under <run.dir>/doctor/ (default: the data's name, -2, -3, ...)")
+    doctor.add_argument("--force", action="store_true", help="replace the folder of the same --name")
+    doctor.set_defaults(handler=_doctor)
 
     lr_find = commands.add_parser("lr-find", help="learning-rate range test: a plot and a suggested optim.lr",
                                   description="Train briefly while the learning rate grows from --start to --end "

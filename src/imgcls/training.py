@@ -388,8 +388,22 @@ def resolve_data(config: Config) -> tuple[Config, DataSource]:
     return _resolve_auto(config, source), source
 
 
+def warn_cross_split_copies(source: DataSource, data: str) -> None:
+    """One warning line when files in different splits are byte-identical (the cheap part of `imgcls doctor`)."""
+    from imgcls.data.duplicates import cross_split_copies
+
+    groups = cross_split_copies(source.splits)
+    if groups:
+        copies = sum(len(group) - 1 for group in groups)
+        (first, first_split), (second, second_split) = groups[0][:2]
+        log.warning(f"{copies} file(s) are byte-identical copies of files in another split (e.g. {first} in "
+                    f"{first_split} = {second} in {second_split}): their scores are not on unseen images; "
+                    f"run `imgcls doctor {data}` for every copy and a cleaned manifest")
+
+
 def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
     config, source = resolve_data(config)
+    warn_cross_split_copies(source, config.data.path)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
     # from now on --force may replace the folder; the process is recorded from the start (see read_summary)
     update_summary(run_dir, status="created", run=str(run_dir), **process_identity())
