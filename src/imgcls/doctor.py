@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import logging
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -181,6 +182,9 @@ def _embeddings(samples: list[_Sample], thumbnails: np.ndarray, facts: list, pro
     64 px or less, else 160 px), or the grey thumbnails' pixels where its weights are not installed."""
     import torch
 
+    from imgcls.data.loaders import decode_into
+    from imgcls.tracking import progress
+
     try:
         import timm
 
@@ -195,9 +199,6 @@ def _embeddings(samples: list[_Sample], thumbnails: np.ndarray, facts: list, pro
     model.eval()
     sides = [min(item.width, item.height) for item in facts if not item.error]
     side = 64 if np.median(sides) <= 64 else 160
-    from imgcls.data.loaders import decode_into
-    import tempfile
-
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / "images.u8"
         paths = [sample.path for sample in samples]
@@ -206,8 +207,6 @@ def _embeddings(samples: list[_Sample], thumbnails: np.ndarray, facts: list, pro
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
         features = []
-        from imgcls.tracking import progress
-
         starts = range(0, len(paths), 256)
         with torch.inference_mode():
             for start in progress(starts, total=len(starts), description=f"image features of {len(paths)} images"):
