@@ -211,7 +211,8 @@ def test_labels_from_a_cv_folder(troubled, tmp_path):
     report = diagnose(config, from_cv=str(cv))
     assert report["labels"]["method"] == f"out-of-fold predictions of {cv}"
     assert sorted(Path(issue["path"]).name for issue in report["label_issues"]) == sorted(FLIPPED)
-    assert report["labels"]["checked"] == 24 * 3 + 9 + len(FLIPPED)  # the training images in the CSV, less the broken one
+    # the training images in the CSV, less the broken one
+    assert report["labels"]["checked"] == 24 * 3 + 9 + len(FLIPPED)
     with pytest.raises(Exception, match="no oof_predictions.csv there"):
         diagnose(config, from_cv=str(tmp_path))
 
@@ -241,7 +242,8 @@ def test_train_warns_about_copies_across_splits(troubled, tmp_path, caplog):
 
 def test_train_command_prints_the_warning(troubled, tmp_path):
     result = subprocess.run([sys.executable, "-m", "imgcls", "train", str(troubled), f"run.dir={tmp_path}",
-                             "model.name=small_resnet", "data.image_size=32", "train.epochs=1", "data.on_bad_image=skip"],
+                             "model.name=small_resnet", "data.image_size=32", "train.epochs=1",
+                             "data.on_bad_image=skip"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "byte-identical copies of files in another split" in result.stderr + result.stdout

@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also look for wrong labels (cleanlab on out-of-fold predictions of a quick k-fold on "
                              "image embeddings) and outliers")
     doctor.add_argument("--from", dest="from_cv", metavar="CV_FOLDER",
-                        help="with --labels: take the out-of-fold predictions of an imgcls cv folder instead")
+                        help="judge the labels (implies --labels) by the out-of-fold predictions of an imgcls "
+                             "cv folder instead of the quick k-fold on image embeddings")
     doctor.add_argument("--json", action="store_true", help="print doctor.json on stdout (the summary goes to stderr)")
     doctor.add_argument("--fail-on", metavar="KINDS",
                         help="exit with 1 when any of these is found (comma-separated: leakage, conflicts, "

@@ -80,7 +80,7 @@ def _histogram(values: list[int]) -> dict | None:
     return {"counts": counts.tolist(), "edges": [round(float(edge), 1) for edge in edges]}
 
 
-def _file_section(samples: list[_Sample], facts: list) -> tuple[dict, list[dict]]:
+def _file_section(facts: list) -> tuple[dict, list[dict]]:
     readable = [item for item in facts if not item.error]
     unreadable = [{"path": item.path, "reason": item.error} for item in facts if item.error]
     tiny = [item.path for item in readable if min(item.width, item.height) < TINY_SIDE]
@@ -356,9 +356,10 @@ def _diagnose(config: Config, labels: bool, from_cv: str | None) -> tuple[dict, 
                for split, items in source.splits.items() for path, label in items]
     paths = [sample.path for sample in samples]
     facts, thumbnails = scan_files(paths, processes)
-    files, findings = _file_section(samples, facts)
+    files, findings = _file_section(facts)
     balance, balance_findings = _balance_section(source)
-    groups = find_duplicates(paths, [s.split for s in samples], [s.label for s in samples], facts, thumbnails, processes)
+    groups = find_duplicates(paths, [sample.split for sample in samples], [sample.label for sample in samples],
+                             facts, thumbnails, processes)
     findings += balance_findings + _duplicate_findings(groups)
     report: dict[str, Any] = {"data": source.origin or source.name, "name": source.name, "images": len(samples),
                               "splits": {split: len(items) for split, items in source.splits.items()},
@@ -386,7 +387,8 @@ def parse_fail_on(text: str | None) -> list[str]:
     kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
     unknown = [kind for kind in kinds if kind not in FAIL_KINDS]
     if unknown:
-        raise ImgclsError(f"--fail-on {unknown[0]}: unknown kind; use a comma-separated list of {', '.join(FAIL_KINDS)}")
+        raise ImgclsError(f"--fail-on {unknown[0]}: unknown kind; use a comma-separated list of "
+                          f"{', '.join(FAIL_KINDS)}")
     return kinds
 
 
