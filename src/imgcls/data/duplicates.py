@@ -140,7 +140,8 @@ class _Images:
 
 
 def _descriptors(thumbnails: np.ndarray):
-    """Unit vectors of the thumbnails less their border colour (the median of the outermost pixels), centred."""
+    """The thumbnails as float, less their border colour (the median of their outermost pixels), so that a shift
+    brings in background near 0 whatever the background is."""
     import torch
 
     pixels = torch.from_numpy(thumbnails).float()
@@ -175,10 +176,12 @@ def _near_candidates(images: _Images, rows: list[int]) -> set[tuple[int, int]]:
     pairs: set[tuple[int, int]] = set()
 
     def search(queries: np.ndarray, targets: np.ndarray, shifts: list[tuple[int, int]]) -> None:
+        target_vectors = index[targets]
         for dy, dx in shifts:
+            # roll wraps the far edge round; of the background level after _descriptors, so it matters little
             shifted = project(torch.roll(pictures[queries], (dy, dx), dims=(1, 2)).flatten(1))
             for start in range(0, len(queries), 2048):
-                similarity = shifted[start: start + 2048] @ index[targets].T
+                similarity = shifted[start: start + 2048] @ target_vectors.T
                 if (dy, dx) == (0, 0) and queries is targets:  # an image is not its own copy
                     similarity[torch.arange(similarity.shape[0]), torch.arange(start, start + similarity.shape[0])] = -1
                 values, nearest = similarity.topk(min(CANDIDATES, len(targets)), dim=1)
