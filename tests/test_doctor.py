@@ -254,3 +254,18 @@ def test_scan_reports_why_a_file_is_unreadable(tmp_path):
     broken.write_bytes(b"not an image")
     (facts,), thumbnails = scan_files([str(broken)], 1)
     assert facts.error.startswith("UnidentifiedImageError") and not thumbnails.any()
+
+
+def test_photos_in_one_folder_of_class_folders_with_labels(tmp_path):
+    """Images over 64 px (photos) take the 160 px feature path; one folder of class folders is split as training
+    splits it."""
+    rng = np.random.default_rng(2)
+    for name, colour in COLOURS.items():
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for index in range(12):
+            smooth_image(colour, rng, side=100).save(tmp_path / "photos" / name / f"{index}.jpg", quality=90)
+    report, folder = run_doctor(str(tmp_path / "photos"), labels=True, overrides=[f"run.dir={tmp_path / 'runs'}"])
+    assert report["labels"]["method"] == "EfficientNet-Lite0 ImageNet features at 160 px"
+    assert report["labels"]["checked"] == 36 and set(report["splits"]) == {"train", "val", "test"}
+    assert report["duplicates"] == [] and report["files"]["formats"] == {"JPEG": 36}
+    assert folder == tmp_path / "runs" / "doctor" / "photos" and (folder / "doctor.html").is_file()
