@@ -231,10 +231,10 @@ def test_train_warns_about_copies_across_splits(troubled, tmp_path, caplog):
     from imgcls.training import warn_cross_split_copies
 
     config = load_config(overrides=[f"data.path={troubled}"])
-    from imgcls.doctor import split_source
+    from imgcls.training import split_data
 
     with caplog.at_level(logging.WARNING, logger="imgcls"):
-        warn_cross_split_copies(split_source(config), str(troubled))
+        warn_cross_split_copies(split_data(config), str(troubled))
     (record,) = caplog.records
     assert "1 file(s) are byte-identical copies of files in another split" in record.message
     assert f"run `imgcls doctor {troubled}`" in record.message

@@ -60,15 +60,6 @@ class _Sample:
     label: str  # the class name, or the class names joined by the label separator (multi-label)
 
 
-def split_source(config: Config) -> DataSource:
-    """The data as `imgcls train` splits it (see training.resolve_data), without the automatic choices."""
-    from imgcls.data.sources import as_task, assign_splits, resolve_source, subsample_train
-
-    source = as_task(resolve_source(config.data.path, config.data.label_separator), config.task)
-    source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
-    return subsample_train(source, config.data.fraction, config.data.per_class_limit, config.data.split_seed)
-
-
 def _finding(kind: str, severity: str, count: int, message: str, fail_kind: str | None = None) -> dict:
     return {"kind": kind, "severity": severity, "count": count, "message": message, "fail_kind": fail_kind}
 
@@ -345,11 +336,12 @@ def _config(data: Config | str, overrides: tuple[str, ...] | list[str] = ()) -> 
 def _diagnose(config: Config, labels: bool, from_cv: str | None) -> tuple[dict, DataSource]:
     from imgcls.data import _processes
     from imgcls.data.duplicates import find_duplicates, scan_files
+    from imgcls.training import split_data
 
     started = time.monotonic()
     if from_cv:
         labels = True
-    source = split_source(config)
+    source = split_data(config)
     processes = _processes()
     separator = config.data.label_separator
     samples = [_Sample(path, split, separator.join(label) if source.multi_label else label)
@@ -438,16 +430,13 @@ def write_html(report: dict, path: Path) -> None:
 
     from imgcls.checkpoint import atomic_write
 
-    def pictures(group_paths: list[str]) -> list[str | None]:
-        return [_thumbnail(item) for item in group_paths]
-
     groups = report["duplicates"]
     sections = {
         "leakage": [group for group in groups if len(set(group["splits"])) > 1],
         "conflicts": [group for group in groups if len(set(group["labels"])) > 1 and len(set(group["splits"])) == 1],
         "within": [group for group in groups if len(set(group["splits"])) == 1 and len(set(group["labels"])) == 1],
     }
-    shown = {key: [{**group, "thumbnails": pictures(group["paths"][:4])} for group in items[:SHOWN]]
+    shown = {key: [{**group, "thumbnails": [_thumbnail(path) for path in group["paths"][:4]]} for group in items[:SHOWN]]
              for key, items in sections.items()}
     issues = [{**issue, "thumbnail": _thumbnail(issue["path"])} for issue in report["label_issues"][:SHOWN]]
     outliers = [{**item, "thumbnail": _thumbnail(item["path"])} for item in report["outliers"][:SHOWN]]

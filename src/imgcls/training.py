@@ -381,11 +381,17 @@ def cache_dataset(config: Config) -> tuple[Config, int]:
 def resolve_data(config: Config) -> tuple[Config, DataSource]:
     """The data a config names, split and subsampled, and the config with its automatic choices made.
     Shared by training and `imgcls cache`, so the cache holds exactly the files training will read."""
+    source = split_data(config)
+    return _resolve_auto(config, source), source
+
+
+def split_data(config: Config) -> DataSource:
+    """The images a config names, split and subsampled as every command that reads data sees them (training,
+    `imgcls cache`, `imgcls doctor`)."""
     source = as_task(resolve_source(config.data.path, config.data.label_separator), config.task)
     # split_seed, not seed: every seed of a sweep trains and tests on the same images
     source = assign_splits(source, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
-    source = subsample_train(source, config.data.fraction, config.data.per_class_limit, config.data.split_seed)
-    return _resolve_auto(config, source), source
+    return subsample_train(source, config.data.fraction, config.data.per_class_limit, config.data.split_seed)
 
 
 def warn_cross_split_copies(source: DataSource, data: str) -> None:
