@@ -66,6 +66,19 @@ def test_drop_rate_reaches_the_model():
     assert model.backbone.drop.p == 0.25
 
 
+def test_small_resnet_width_and_blocks_shape_the_network():
+    from imgcls.models import training_flops_per_image
+
+    narrow = build("small_resnet", 3, width=16, blocks=2)
+    assert [block.conv2.out_channels for block in narrow.backbone.stages] == [16, 16, 32, 32, 64, 64]
+    assert narrow.backbone.fc.in_features == 64
+    # a quarter of the channels squared: about a quarter of the operations per block
+    assert training_flops_per_image("small_resnet", 10, 28, width=16) == pytest.approx(
+        training_flops_per_image("small_resnet", 10, 28) / 4, rel=0.1)
+    with pytest.raises(ImgclsError, match="model.width and model.blocks shape small_resnet only, not 'resnet18'"):
+        create_model("resnet18", 3, MEAN, STD, width=16)
+
+
 def test_unknown_model_name():
     with pytest.raises(ImgclsError, match="unknown model 'resnet_eighteen'") as error:
         create_model("resnet_eighteen", 3, MEAN, STD)

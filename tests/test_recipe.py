@@ -226,6 +226,14 @@ def test_hidden_head_in_a_run_reaches_the_artifact_and_predict(shapes_folder, tm
     assert len(classifier.predict([next(shapes_folder.glob("circle/*"))])) == 1
 
 
+def test_a_narrower_deeper_small_resnet_reaches_the_artifact_and_predict(shapes_folder, tmp_path):
+    run = quick_run(shapes_folder, tmp_path, "train.epochs=1", "model.width=8", "model.blocks=2")
+    assert load_checkpoint_model(run)["backbone.stem.0.weight"].shape[0] == 8
+    classifier = imgcls.load(run)  # rebuilt from the artifact alone: the shape must come back
+    assert len(classifier.model.backbone.stages) == 6 and classifier.model.backbone.num_features == 32
+    assert len(classifier.predict([next(shapes_folder.glob("circle/*"))])) == 1
+
+
 def test_hidden_head_on_a_classifier_that_is_not_linear_is_refused():
     from imgcls.errors import ImgclsError
 

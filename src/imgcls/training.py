@@ -329,6 +329,8 @@ def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str,
         "class_names": class_names,
         "drop_rate": config.model.drop_rate,
         "head_hidden": config.model.head_hidden,
+        "width": config.model.width,
+        "blocks": config.model.blocks,
         "preprocessing": {
             "image_size": config.data.image_size,
             "resize": config.data.resize,
@@ -359,7 +361,7 @@ def build_model(config: Config, num_classes: int, train_dataset) -> tuple[nn.Mod
     log.info(f"normalisation: mean {normalisation[0]}, std {normalisation[1]}"
              + (" (pretrained weights')" if config.model.pretrained else " (training images)"))
     model = create_model(config.model.name, num_classes, *normalisation, config.model.drop_rate,
-                         config.model.pretrained, config.model.head_hidden)
+                         config.model.pretrained, config.model.head_hidden, config.model.width, config.model.blocks)
     if config.model.zero_init_residual and config.model.name == "small_resnet":
         zero_init_residuals(model)
     return model, normalisation
@@ -827,7 +829,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     val_loader = make_loader(prepared.datasets["val"], config.train.batch_size * 2,
                              0 if prepared.cached else setup.workers, False, pin_memory=runtime.device.type == "cuda")
     parameters = sum(p.numel() for p in model.parameters())
-    flops_per_image = training_flops_per_image(config.model.name, len(class_names), config.data.image_size)
+    flops_per_image = training_flops_per_image(config.model.name, len(class_names), config.data.image_size,
+                                               config.model.width, config.model.blocks)
     log.info(f"model: {config.model.name}, {parameters / 1e6:.2f}M parameters, "
              f"{(flops_per_image or 0) / 1e9:.2f} GFLOP per training image, {config.data.image_size} px input, "
              f"{runtime.precision} on {runtime.device}, {setup.workers} loader worker(s), "
