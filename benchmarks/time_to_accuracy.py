@@ -45,8 +45,9 @@ def imgcls_run(budget: float, seed: int, runs: Path) -> dict:
     minutes = (time.perf_counter() - started) / 60
     summary = json.loads((run / "summary.json").read_text())
     rows = (run / "metrics.csv").read_text().strip().splitlines()[1:]
+    model = imgcls.load_config(run / "config.yaml").model  # the shape the budget chose (model.width=auto)
     return {"loop": "imgcls", "budget": budget, "seed": seed, "minutes": minutes, "epochs": len(rows),
-            "test_acc1": summary["test_metrics"]["acc1"]}
+            "test_acc1": summary["test_metrics"]["acc1"], "network": f"{model.name} {model.width}x{model.blocks}"}
 
 
 def plain_loop(budgets: list[float], seed: int) -> list[dict]:
@@ -87,15 +88,17 @@ def plain_loop(budgets: list[float], seed: int) -> list[dict]:
 
 
 def where_the_time_goes(steps: int = 60) -> None:
-    """imgcls's default Fashion-MNIST step, phase by phase (data, augmentation, forward, backward,
-    optimiser), on cached batches, and the evaluation pass per image; what the 10-minute budget is spent on."""
+    """imgcls's Fashion-MNIST step at the 10-minute budget (the network it chooses on this machine), phase
+    by phase (data, augmentation, forward, backward, optimiser), on cached batches, and the evaluation pass
+    per image; what the 10-minute budget is spent on."""
     import imgcls
     from imgcls.data import make_loader
     from imgcls.runtime import Runtime
-    from imgcls.training import prepare, resolve_data
+    from imgcls.training import choose_small_resnet_shape, prepare, resolve_data
 
-    config, source = resolve_data(imgcls.load_config(overrides=["data.path=fashion-mnist"]))
+    config, source = resolve_data(imgcls.load_config(overrides=["data.path=fashion-mnist", "train.max_minutes=10"]))
     runtime = Runtime.create(config.device, config.train.precision)
+    config = choose_small_resnet_shape(config, source, runtime)
     setup = prepare(config, source, runtime)
     model, optimizer, loss_function = setup.model, setup.optimizer, setup.loss_function
     phases = dict.fromkeys(("data", "augment", "forward", "backward", "optimiser"), 0.0)
@@ -120,7 +123,7 @@ def where_the_time_goes(steps: int = 60) -> None:
                 phases[name] += end - begin
     total = sum(phases.values())
     batch = config.train.batch_size
-    print(f"{config.model.name} at {config.data.image_size} px, batch {batch}, {runtime.precision}, "
+    print(f"{config.model.name} {config.model.width}x{config.model.blocks} at {config.data.image_size} px, batch {batch}, {runtime.precision}, "
           f"{torch.get_num_threads()} threads: {steps * batch / total:.0f} img/s in the loop")
     print("  " + ", ".join(f"{name} {seconds / total:.0%}" for name, seconds in phases.items()))
     loader = make_loader(setup.prepared.datasets["val"], batch * 2, 0, False)
@@ -152,7 +155,10 @@ def report(results: Path) -> None:
         spread = f" ± {statistics.stdev(accuracies):.3f}" if len(found) > 1 else ""
         epochs = statistics.mean(row["epochs"] for row in found)
         minutes = statistics.mean(row["minutes"] for row in found)
-        return f"{statistics.mean(accuracies):.4f}{spread} (n={len(found)}, {epochs:.1f} epochs, {minutes:.1f} min)"
+        networks = sorted({row["network"] for row in found if "network" in row})
+        network = f", {' / '.join(networks)}" if networks else ""
+        return (f"{statistics.mean(accuracies):.4f}{spread} (n={len(found)}, {epochs:.1f} epochs, {minutes:.1f} min"
+                f"{network})")
 
     budgets = sorted({budget for _, budget in table})
     print("| budget | imgcls test accuracy | plain loop test accuracy |")

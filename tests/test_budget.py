@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,9 @@ from imgcls.budget import SAFETY_SHARE, CosineSchedule, TimeBudget
 from imgcls.config import load_config
 from imgcls.data import assign_splits, resolve_source
 from imgcls.data.checks import mirror_check
-from imgcls.training import automatic_batch_size
+from imgcls.models import SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_RESNET_SHAPE
+from imgcls.runtime import Runtime
+from imgcls.training import automatic_batch_size, choose_small_resnet_shape, resolve_data
 from tests.conftest import stop_after_epochs
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
@@ -88,6 +92,39 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_learning_rate_at_its_end
     assert "time budget train.max_minutes=0.3" in log and "planned steps are taken" in log
     assert "data.augment=auto: none from epoch 1" in log  # unaugmented: a short run learns faster so
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    # the network's shape, chosen from the measured speed, is written out for `train -c` and the artifact
+    saved = load_config(run / "config.yaml").model
+    assert (saved.width, saved.blocks) in (SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_RESNET_SHAPE)
+    assert f"model.width={saved.width} model.blocks={saved.blocks}: train.max_minutes=0.3 buys about" in log
+    assert (imgcls.load(run).metadata["width"], imgcls.load(run).metadata["blocks"]) == (saved.width, saved.blocks)
+
+
+def test_a_budget_too_short_for_the_default_network_takes_a_narrower_deeper_one(shapes_folder):
+    config, source = resolve_data(load_config(overrides=[f"data.path={shapes_folder}", "train.max_minutes=0.01",
+                                                         *FAST]))
+    assert (config.model.width, config.model.blocks) == (None, None)  # left to the measured speed
+    runtime = Runtime.create("cpu", "fp32")
+    short = choose_small_resnet_shape(config, source, runtime)
+    assert (short.model.width, short.model.blocks) == SHORT_BUDGET_SMALL_RESNET_SHAPE
+    assert "under 8, a narrower, deeper network" in source.notes[-1]
+    epochs = float(re.search(r"buys about ([0-9.]+) epochs", source.notes[-1]).group(1))
+
+    def shape(minutes: float, epochs: int | None = None) -> tuple[int, int]:
+        chosen = choose_small_resnet_shape(replace(config, train=replace(config.train, max_minutes=minutes,
+                                                                         epochs=epochs)), source, runtime)
+        return chosen.model.width, chosen.model.blocks
+
+    assert shape(0.01 * 40 / epochs) == SMALL_RESNET_SHAPE  # ~40 epochs of time: the network that learns more per epoch
+    four_epochs = 0.01 * 4 / epochs
+    assert shape(four_epochs) == SHORT_BUDGET_SMALL_RESNET_SHAPE
+    assert shape(four_epochs, epochs=2) == SMALL_RESNET_SHAPE  # train.epochs ends the run first: not short of time
+    # a shape asked for is kept, the other key at its default; without a budget, the default
+    asked, _ = resolve_data(load_config(overrides=[f"data.path={shapes_folder}", "train.max_minutes=0.01",
+                                                   "model.width=24", *FAST]))
+    assert (asked.model.width, asked.model.blocks) == (24, 1)
+    assert choose_small_resnet_shape(asked, source, runtime) is asked
+    plain, _ = resolve_data(load_config(overrides=[f"data.path={shapes_folder}", *FAST]))
+    assert (plain.model.width, plain.model.blocks) == SMALL_RESNET_SHAPE
 
 
 def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_path):
@@ -114,8 +151,10 @@ def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_pa
 
 
 def test_automatic_choices_are_written_auto_and_follow_the_data(shapes_folder):
-    config = load_config(overrides=["train.epochs=auto", "train.batch_size=auto", "data.horizontal_flip=auto"])
+    config = load_config(overrides=["train.epochs=auto", "train.batch_size=auto", "data.horizontal_flip=auto",
+                                    "model.width=auto", "model.blocks=auto"])
     assert (config.train.epochs, config.train.batch_size, config.data.horizontal_flip) == (None, None, None)
+    assert (config.model.width, config.model.blocks) == (None, None)
     # 64, halved while an epoch has fewer than 100 batches, down to 16
     assert [automatic_batch_size(n) for n in (500, 1295, 3000, 5400, 6400, 54000)] == [16, 16, 16, 32, 64, 64]
     digits = mirror_check(assign_splits(resolve_source("digits"), 0.1, 0.1, 0))

@@ -118,11 +118,14 @@ class ModelConfig:
     head); None: one linear layer, as timm and torchvision build it."""
     freeze_epochs: int = 0
     """Train only the classifier head for this many epochs, then everything (transfer learning)."""
-    width: int = 32
+    width: Optional[int] = None
     """small_resnet: channels of the first of its three stages; each next stage doubles them. 16 trains
-    about 3x more images per second on a CPU (a quarter of the operations), 64 about 3.5x fewer."""
-    blocks: int = 1
-    """small_resnet: residual blocks per stage (1: 7 convolutions deep; 2: 13; 3: ResNet-20's 19)."""
+    about 3x more images per second on a CPU (a quarter of the operations), 64 about 3.5x fewer.
+    None (or `auto`): 32, or with `model.blocks` also auto, 16 when `train.max_minutes` buys fewer than 8
+    epochs of the 32-wide network at the speed measured on this machine (see `model.blocks`)."""
+    blocks: Optional[int] = None
+    """small_resnet: residual blocks per stage (1: 7 convolutions deep; 2: 13; 3: ResNet-20's 19).
+    None (or `auto`): 1, or 2 with the narrow network a short time budget takes (`model.width`)."""
     zero_init_residual: bool = False
     """small_resnet: start each residual block as the identity (its last BatchNorm weight at 0), as deep
     ResNets are trained; off, the default, learns faster in the first epochs of this shallow network."""
@@ -299,7 +302,7 @@ _YAML_BOOLEAN_WORDS = {"on", "off", "yes", "no", "y", "n"}
 
 
 # keys whose automatic choice is None in the dataclasses, also written `auto` on the command line
-_AUTO_MEANS_NONE = ("train.epochs", "train.batch_size", "data.horizontal_flip")
+_AUTO_MEANS_NONE = ("train.epochs", "train.batch_size", "data.horizontal_flip", "model.width", "model.blocks")
 
 
 def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -377,8 +380,8 @@ def _check_ranges(config: Config) -> None:
          "must be at least 1"),
         ("model.freeze_epochs", config.model.freeze_epochs >= 0, "must be 0 or more"),
         ("train.reject_precision", 0 < config.train.reject_precision < 1, "must be between 0 and 1"),
-        ("model.width", config.model.width >= 4, "must be at least 4"),
-        ("model.blocks", config.model.blocks >= 1, "must be at least 1"),
+        ("model.width", config.model.width is None or config.model.width >= 4, "must be at least 4 (or auto)"),
+        ("model.blocks", config.model.blocks is None or config.model.blocks >= 1, "must be at least 1 (or auto)"),
         ("model.head_hidden", config.model.head_hidden is None or config.model.head_hidden >= 1, "must be at least 1"),
         ("optim.backbone_lr_ratio", config.optim.backbone_lr_ratio >= 0, "must be 0 or more"),
         ("loss.focal_gamma", config.loss.focal_gamma >= 0, "must be 0 or more"),

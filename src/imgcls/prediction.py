@@ -289,8 +289,8 @@ def load(run: str | Path, device: str = "auto") -> Predictor:
     preprocessing = metadata["preprocessing"]
     model = create_model(metadata["model_name"], len(metadata["class_names"]), tuple(preprocessing["mean"]),
                          tuple(preprocessing["std"]), drop_rate=metadata.get("drop_rate", 0.0),
-                         head_hidden=metadata.get("head_hidden"), width=metadata.get("width", 32),
-                         blocks=metadata.get("blocks", 1))
+                         head_hidden=metadata.get("head_hidden"), width=metadata.get("width"),
+                         blocks=metadata.get("blocks"))  # absent before 2026-11-30: the default shape
     model.load_state_dict(state_dict)
     model = runtime.prepare_model(model).eval()
     return Classifier(model=model, metadata=metadata, runtime=runtime)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from imgcls.budget import DEFAULT_EPOCHS, CosineSchedule, TimeBudget, cosine_with_warmup
+from imgcls.budget import DEFAULT_EPOCHS, CosineSchedule, TimeBudget, cosine_with_warmup, measure_images_per_second
 from imgcls.checkpoint import CheckpointSet, DiskFullError, atomic_write, load_artifact, load_checkpoint, save_artifact
 from imgcls.config import Config, config_to_dict, load_config, save_config
 from imgcls.data import (
@@ -32,8 +32,8 @@ from imgcls.data.sources import as_task
 from imgcls.errors import ImgclsError
 from imgcls.evaluation import calibrate, evaluate, predict_loader
 from imgcls.models import (
-    create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image,
-    zero_init_residuals,
+    SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_RESNET_SHAPE, create_model, default_preprocessing, head_parameters,
+    set_backbone_trainable, training_flops_per_image, zero_init_residuals,
 )
 from imgcls.runtime import CoreShare, Distributed, Runtime, rng_state, seed_everything, set_rng_state
 from imgcls.tasks import SingleLabel, Task, get_task
@@ -48,6 +48,8 @@ __all__ = ["train", "train_one_epoch", "prepare", "TrainingSetup", "TrainingStat
 log = logging.getLogger("imgcls")
 
 # keys that may change when resuming; anything else would make the resumed run a different experiment
+# a time budget buying fewer epochs than this of the default small_resnet takes the narrower, deeper one
+SHORT_BUDGET_EPOCHS = 8
 RESUMABLE_OVERRIDES = ("train.epochs", "train.max_minutes", "train.patience", "device", "data.workers", "train.log_every")
 
 
@@ -283,9 +285,38 @@ def _resolve_auto(config: Config, source: DataSource) -> Config:
     short_runs_matter = image_size <= 64
     if augment == "auto" and (not short_runs_matter or config.train.max_minutes is None):
         augment = "none" if short_runs_matter and planned_epochs(config) < AUGMENT_MIN_EPOCHS else "light"
-    return replace(config, model=replace(config.model, name=model_name),
+    width, blocks = config.model.width, config.model.blocks
+    # with a time budget, a small_resnet's shape waits for the machine's measured speed (_start_run)
+    if model_name == "small_resnet" and (config.train.max_minutes is None or width is not None or blocks is not None):
+        width, blocks = width or SMALL_RESNET_SHAPE[0], blocks or SMALL_RESNET_SHAPE[1]
+    return replace(config, model=replace(config.model, name=model_name, width=width, blocks=blocks),
                    data=replace(config.data, image_size=image_size, horizontal_flip=flip, augment=augment),
                    train=replace(config.train, batch_size=batch_size))
+
+
+def choose_small_resnet_shape(config: Config, source: DataSource, runtime: Runtime) -> Config:
+    """`model.width` and `model.blocks` left automatic with `train.max_minutes`: the default small_resnet
+    when the budget buys at least SHORT_BUDGET_EPOCHS epochs of it at the speed measured on this machine
+    (about 2 s of training steps on random images, spent from the budget), else the narrower, deeper
+    network, which trains ~1.7x more images per second. Measured on Fashion-MNIST at 5 minutes (2.5 epochs
+    of the default on a CPU without AVX-512): val 0.922 ± 0.002 against 0.914 ± 0.001 (3 seeds, McNemar
+    p = 0.01); per epoch the default learns more (digits, 4 epochs: val 0.995 against 0.984), so runs with
+    time to spare keep it. A run capped by `train.epochs` before the budget ends keeps it too."""
+    if config.model.name != "small_resnet" or config.model.width is not None or config.model.blocks is not None:
+        return config
+    classes = len(source.class_names)
+    model = runtime.prepare_model(create_model("small_resnet", classes, (0.5,) * 3, (0.5,) * 3))
+    speed = runtime.distributed.world_size * measure_images_per_second(
+        model, runtime, config.train.batch_size, config.data.image_size, classes)
+    epochs = config.train.max_minutes * 60 * speed / max(1, len(source.splits["train"]))
+    short = epochs < SHORT_BUDGET_EPOCHS and (config.train.epochs is None or epochs < config.train.epochs)
+    width, blocks = SHORT_BUDGET_SMALL_RESNET_SHAPE if short else SMALL_RESNET_SHAPE
+    source.notes.append(
+        f"model.width={width} model.blocks={blocks}: train.max_minutes={config.train.max_minutes:g} buys about "
+        f"{epochs:.1f} epochs of small_resnet's default (width {SMALL_RESNET_SHAPE[0]}, {SMALL_RESNET_SHAPE[1]} "
+        f"block per stage) at the {speed:.0f} images/s measured here"
+        + (f"; under {SHORT_BUDGET_EPOCHS}, a narrower, deeper network learns more in the time" if short else ""))
+    return replace(config, model=replace(config.model, width=width, blocks=blocks))
 
 
 def _log_data_summary(source: DataSource, class_names: list[str]) -> None:
@@ -409,8 +440,9 @@ def warn_cross_split_copies(source: DataSource, data: str) -> None:
                     f"run `imgcls doctor {data}` for every copy and a cleaned manifest")
 
 
-def _start_run(config: Config, force: bool) -> tuple[Config, Path, DataSource]:
+def _start_run(config: Config, force: bool, runtime: Runtime) -> tuple[Config, Path, DataSource]:
     config, source = resolve_data(config)
+    config = choose_small_resnet_shape(config, source, runtime)
     warn_cross_split_copies(source, config.data.path)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
     # from now on --force may replace the folder; the process is recorded from the start (see read_summary)
@@ -577,7 +609,7 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
         # a resumed run differ from an uninterrupted one in the last bits
         cores.keep_fixed("train.deterministic=true (results depend on the thread count)")
     if resume is None:
-        config, run_dir, source = _on_main(distributed, _start_run, config, force)
+        config, run_dir, source = _on_main(distributed, _start_run, config, force, runtime)
     setup_logging(run_dir if distributed.is_main else None, quiet=not distributed.is_main)
     # each rank its own seed: different augmentations; DDP copies rank 0's initial weights to all
     seed_everything(config.seed + distributed.rank, config.train.deterministic)
