@@ -22,7 +22,7 @@ from imgcls.data import assign_splits, resolve_source
 from imgcls.data.checks import mirror_check
 from imgcls.models import SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_RESNET_SHAPE
 from imgcls.runtime import Runtime
-from imgcls.training import automatic_batch_size, choose_small_resnet_shape, resolve_data
+from imgcls.training import _planned_so_far, automatic_batch_size, choose_small_resnet_shape, resolve_data
 from tests.conftest import stop_after_epochs
 
 FAST = ["model.name=small_resnet", "data.image_size=32", "train.batch_size=16", "seed=0"]
@@ -56,6 +56,14 @@ def test_the_plan_fills_the_budget_with_whole_epochs_and_the_schedule_ends_with_
     assert schedule(budget.total_steps) == pytest.approx(0.0)
     assert schedule.warmup_steps == 100  # one epoch, as asked: under a tenth of the plan
     assert budget.planned_epochs() == 48 and not budget.done(budget.total_steps - 1) and budget.done(budget.total_steps)
+
+
+def test_progress_lines_show_the_planned_epochs_once_the_first_steps_are_timed():
+    schedule = CosineSchedule(warmup_steps=100, total_steps=1000)
+    budget = TimeBudget(10, time.perf_counter(), 100, schedule, None, validation_share=0.1, final_share=2.0)
+    assert _planned_so_far(budget) == "?"  # "epoch 1/?": the schedule's 10-epoch first guess is not a plan
+    budget.after_epoch(0, 0.1 * 10, 10, 2.0)
+    assert _planned_so_far(budget) == str(budget.planned_epochs()) == "48"
 
 
 def test_a_last_epoch_of_a_few_steps_is_left_out():

@@ -92,6 +92,12 @@ def planned_epochs(config: Config) -> int | None:
     return None if config.train.max_minutes is not None else DEFAULT_EPOCHS
 
 
+def _planned_so_far(budget) -> str:
+    """The epochs a time budget's plan holds, for progress lines: "?" until the first steps are timed
+    (before that the plan is only the DEFAULT_EPOCHS guess the schedule starts from)."""
+    return "?" if budget.step_seconds is None else str(budget.planned_epochs())
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):
     """Returns (scheduler, when): `when` is "step" (after every optimiser step) or "epoch". The cosine
     schedule's plan (a CosineSchedule) is `scheduler.lr_lambdas[0]`; a time budget revises it."""
@@ -910,7 +916,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     start_epoch, was_augmented = epoch + 1, False
     while (epochs is None or epoch < epochs) and not state.out_of_time():
         epoch += 1
-        of = f"{epoch}/{epochs or state.budget.planned_epochs()}"
+        of = f"{epoch}/{epochs or _planned_so_far(state.budget)}"
         if config.model.freeze_epochs:
             set_backbone_trainable(model, trainable=epoch > config.model.freeze_epochs)
         setup.generator.manual_seed(config.seed + epoch)  # the order depends only on (seed, epoch)
@@ -962,7 +968,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             checkpoints.save(saved, best=best_files)
         headline = "  ".join(f"val_{key} {row[f'val_{key}']:.4f}" for key in task.headline[:2])
         log.info(
-            f"epoch {epoch}/{epochs or state.budget.planned_epochs()}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"epoch {epoch}/{epochs or _planned_so_far(state.budget)}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"{headline}  lr {lr:.2e}  "
             f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s  {row['train_gflops_per_s']:.0f} GFLOP/s"
             + (f"  val_ema_{task.headline[0]} {row[f'val_ema_{task.headline[0]}']:.4f}" if ema is not None else "")
