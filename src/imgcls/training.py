@@ -47,9 +47,9 @@ __all__ = ["train", "train_one_epoch", "prepare", "TrainingSetup", "TrainingStat
 
 log = logging.getLogger("imgcls")
 
-# keys that may change when resuming; anything else would make the resumed run a different experiment
 # a time budget buying fewer epochs than this of the default small_resnet takes the narrower, deeper one
 SHORT_BUDGET_EPOCHS = 8
+# keys that may change when resuming; anything else would make the resumed run a different experiment
 RESUMABLE_OVERRIDES = ("train.epochs", "train.max_minutes", "train.patience", "device", "data.workers", "train.log_every")
 
 
