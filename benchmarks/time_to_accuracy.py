@@ -14,6 +14,7 @@ draws the plot (benchmarks/time_to_accuracy.png) from what is there.
 
     .venv/bin/python benchmarks/time_to_accuracy.py                               # 2, 5, 10, 30 min x 3 seeds (~5 h)
     .venv/bin/python benchmarks/time_to_accuracy.py --budgets 2 5 --seeds 42      # a first look (~20 min)
+    .venv/bin/python benchmarks/time_to_accuracy.py --budgets 10 -- model.width=16  # a default to try (keys after --)
     .venv/bin/python benchmarks/time_to_accuracy.py --profile                     # where a step's time goes
     .venv/bin/python benchmarks/time_to_accuracy.py --report
 """

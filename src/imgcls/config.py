@@ -121,11 +121,12 @@ class ModelConfig:
     width: Optional[int] = None
     """small_resnet: channels of the first of its three stages; each next stage doubles them. 16 trains
     about 3x more images per second on a CPU (a quarter of the operations), 64 about 3.5x fewer.
-    None (or `auto`): 32, or with `model.blocks` also auto, 16 when `train.max_minutes` buys fewer than 8
-    epochs of the 32-wide network at the speed measured on this machine (see `model.blocks`)."""
+    None (or `auto`): 32, or with `model.blocks` also auto and `train.max_minutes`, 16 (with 2 blocks) when
+    the budget buys fewer than 8 epochs of the 32-wide, 1-block network at the speed measured on this machine,
+    and 32 with 2 blocks when it buys 10 or more; a run that `train.epochs` ends first keeps 32/1."""
     blocks: Optional[int] = None
     """small_resnet: residual blocks per stage (1: 7 convolutions deep; 2: 13; 3: ResNet-20's 19).
-    None (or `auto`): 1, or 2 with the narrow network a short time budget takes (`model.width`)."""
+    None (or `auto`): 1, or 2 when a time budget is short or long for the 1-block network (`model.width`)."""
     zero_init_residual: bool = False
     """small_resnet: start each residual block as the identity (its last BatchNorm weight at 0), as deep
     ResNets are trained; off, the default, learns faster in the first epochs of this shallow network."""

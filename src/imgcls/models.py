@@ -18,16 +18,18 @@ from imgcls.errors import ImgclsError
 __all__ = [
     "ImageClassifier", "SmallResNet", "create_model", "list_models", "default_preprocessing", "load_weights",
     "training_flops_per_image", "head_parameters", "set_backbone_trainable", "attach_hidden_head",
-    "SMALL_RESNET_SHAPE", "SHORT_BUDGET_SMALL_RESNET_SHAPE",
+    "SMALL_RESNET_SHAPE", "SHORT_BUDGET_SMALL_RESNET_SHAPE", "LONG_BUDGET_SMALL_RESNET_SHAPE",
 ]
 
 LOCAL_MODELS = ("small_resnet",)
 
-# small_resnet's (model.width, model.blocks): the default, and the narrower, deeper network that a time
-# budget too short for 8 epochs of the default takes (4x fewer operations per layer, about 1.7x the images
-# per second with its twice as many blocks; measured on Fashion-MNIST, see training.choose_small_resnet_shape)
+# small_resnet's (model.width, model.blocks): the default; the narrower, deeper network that a time budget
+# too short for 8 epochs of the default takes (4x fewer operations per layer, about 1.7x the images per
+# second with its twice as many blocks); and the deeper one a budget of 10 or more epochs of the default
+# takes (about half the images per second). Measured on Fashion-MNIST, see training.choose_small_resnet_shape
 SMALL_RESNET_SHAPE = (32, 1)
 SHORT_BUDGET_SMALL_RESNET_SHAPE = (16, 2)
+LONG_BUDGET_SMALL_RESNET_SHAPE = (32, 2)
 
 # imgcls name -> the timm architecture built for it. The only ImageNet weights that install offline
 # (imgcls.pretrained) were trained by TensorFlow with "same" padding and BatchNorm eps 1e-3: timm's
