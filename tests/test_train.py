@@ -155,9 +155,13 @@ def test_digits_real_data_reaches_92_percent_in_four_epochs(tmp_path):
     metrics = imgcls.evaluate(run, split="test", quiet=True)
     assert metrics["n"] == 359
     assert metrics["acc1"] >= 0.92, metrics
-    # temperature scaling, fitted on val at the end of training, lowers the test NLL and keeps top-1
-    assert metrics["temperature"] != 1.0
-    assert metrics["nll_calibrated"] < metrics["loss"], metrics
+    # temperature scaling, fitted on val at the end of training, lowers the test NLL and keeps top-1; a
+    # model without errors on val (143 images: bf16 CPUs reach it in 4 epochs) keeps temperature 1 instead
+    if max(float(row["val_acc1"]) for row in metrics_rows(run)) < 1.0:
+        assert metrics["temperature"] != 1.0
+        assert metrics["nll_calibrated"] < metrics["loss"], metrics
+    else:
+        assert metrics["temperature"] == 1.0 and metrics["nll_calibrated"] == pytest.approx(metrics["loss"])
     assert (run / "gradcam_test.png").is_file() and (run / "projection_test.png").is_file()
 
 
