@@ -144,6 +144,37 @@ def test_the_budget_chooses_the_network_from_the_epochs_it_buys_of_the_default(s
     assert (plain.model.width, plain.model.blocks) == SMALL_RESNET_SHAPE
 
 
+def test_a_busy_program_beside_the_speed_measurement_is_named_in_the_log(shapes_folder):
+    import os
+    import signal
+    import subprocess
+
+    import torch
+
+    from imgcls.runtime import CoreShare
+
+    config, source = resolve_data(load_config(overrides=[f"data.path={shapes_folder}", "train.max_minutes=0.01",
+                                                         *FAST]))
+    threads = torch.get_num_threads()
+    runtime = Runtime.create("cpu", "fp32", cores=CoreShare())
+    try:
+        choose_small_resnet_shape(config, source, runtime)
+        assert not source.notes[-1].startswith("warning:")  # alone (the suite runs nothing beside it)
+        # another program, not a child of this process (whose CPU time counts as ours), busy throughout
+        started = subprocess.run(["sh", "-c", f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                                 capture_output=True, text=True, check=True)
+        try:
+            time.sleep(0.5)
+            choose_small_resnet_shape(config, source, runtime)
+        finally:
+            os.kill(int(started.stdout), signal.SIGKILL)
+    finally:
+        torch.set_num_threads(threads)
+    assert re.match(r"warning: other programs kept [0-9.]+ CPU core\(s\) busy while the speed was measured",
+                    source.notes[-1]), source.notes[-1]
+    assert "set model.width and model.blocks" in source.notes[-1]
+
+
 def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_path):
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "imgcls", "train", str(shapes_folder), "train.max_minutes=0.4",

@@ -234,16 +234,25 @@ class CoreShare:
         busy = _busy_ticks(self.cores)
         return None if busy is None else (time.monotonic(), busy, _own_ticks())
 
+    def sample(self) -> tuple[float, int, int] | None:
+        """A reading for `others_since`: None where /proc/stat is not there to read."""
+        return self._measure()
+
+    def others_since(self, sample: tuple[float, int, int] | None) -> float:
+        """Cores of ours that other programs kept busy, on average, since `sample` (0 when not measurable)."""
+        now = self._measure()
+        if sample is None or now is None:
+            return 0.0
+        (then, busy_then, own_then), (moment, busy, own) = sample, now
+        ticks = max(1.0, (moment - then) * os.sysconf("SC_CLK_TCK"))
+        return max(0.0, (busy - busy_then - (own - own_then)) / ticks)
+
     def adjust(self) -> int:
         """Re-size the threads when `every_seconds` have passed since the last measurement; returns
         the number of threads."""
         if self.fixed or self._sample is None or time.monotonic() - self._sample[0] < self.every_seconds:
             return self.threads
-        now = self._measure()
-        (then, busy_then, own_then), (moment, busy, own) = self._sample, now
-        ticks = (moment - then) * os.sysconf("SC_CLK_TCK")
-        self.others = max(0.0, (busy - busy_then - (own - own_then)) / ticks)
-        self._sample = now
+        self.others, self._sample = self.others_since(self._sample), self._measure()
         threads = max(1, min(self.most, round(len(self.cores) - self.others)))
         if threads != self.threads:
             log.info(f"other programs keep {self.others:.1f} of {len(self.cores)} CPU cores busy: "

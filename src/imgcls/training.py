@@ -51,6 +51,8 @@ log = logging.getLogger("imgcls")
 # at least LONG, the deeper one of the same width
 SHORT_BUDGET_EPOCHS = 8
 LONG_BUDGET_EPOCHS = 10
+# cores kept busy by other programs while that speed is measured, from which the log warns of the choice
+BUSY_DURING_PROBE = 0.5
 # keys that may change when resuming; anything else would make the resumed run a different experiment
 RESUMABLE_OVERRIDES = ("train.epochs", "train.max_minutes", "train.patience", "device", "data.workers", "train.log_every")
 
@@ -332,6 +334,8 @@ def choose_small_resnet_shape(config: Config, source: DataSource, runtime: Runti
         return config
     classes = len(source.class_names)
     model = runtime.prepare_model(create_model("small_resnet", classes, (0.5,) * 3, (0.5,) * 3))
+    cores = runtime.cores if runtime.device.type == "cpu" else None
+    before = cores.sample() if cores is not None else None
     speed = runtime.distributed.world_size * measure_images_per_second(
         model, runtime, config.train.batch_size, config.data.image_size, classes)
     epochs = config.train.max_minutes * 60 * speed / max(1, len(source.splits["train"]))
@@ -340,6 +344,14 @@ def choose_small_resnet_shape(config: Config, source: DataSource, runtime: Runti
         f"model.width={shape[0]} model.blocks={shape[1]}: train.max_minutes={config.train.max_minutes:g} buys about "
         f"{epochs:.1f} epochs of small_resnet's default (width {SMALL_RESNET_SHAPE[0]}, {SMALL_RESNET_SHAPE[1]} "
         f"block per stage) at the {speed:.0f} images/s measured here{why}")
+    # a busy program beside the 2-second measurement slows it far more than its share (2 threads on 2 cores
+    # beside one plot: 250 images/s against 900 alone), and the choice holds for the whole run
+    others = cores.others_since(before) if cores is not None else 0.0
+    if others >= BUSY_DURING_PROBE:
+        source.notes.append(
+            f"warning: other programs kept {others:.1f} CPU core(s) busy while the speed was measured, so "
+            f"model.width={shape[0]} model.blocks={shape[1]} may be smaller than this machine affords alone; start "
+            f"a budgeted run on an idle machine, or set model.width and model.blocks")
     return replace(config, model=replace(config.model, width=shape[0], blocks=shape[1]))
 
 
