@@ -238,9 +238,11 @@ class CoreShare:
         """A reading for `others_since`: None where /proc/stat is not there to read."""
         return self._measure()
 
-    def others_since(self, sample: tuple[float, int, int] | None) -> float:
-        """Cores of ours that other programs kept busy, on average, since `sample` (0 when not measurable)."""
-        now = self._measure()
+    def others_since(self, sample: tuple[float, int, int] | None,
+                     now: tuple[float, int, int] | None = None) -> float:
+        """Cores of ours that other programs kept busy, on average, from `sample` to `now` (a new reading
+        when not given); 0 when not measurable."""
+        now = now or self._measure()
         if sample is None or now is None:
             return 0.0
         (then, busy_then, own_then), (moment, busy, own) = sample, now
@@ -252,7 +254,8 @@ class CoreShare:
         the number of threads."""
         if self.fixed or self._sample is None or time.monotonic() - self._sample[0] < self.every_seconds:
             return self.threads
-        self.others, self._sample = self.others_since(self._sample), self._measure()
+        now = self._measure()
+        self.others, self._sample = self.others_since(self._sample, now), now
         threads = max(1, min(self.most, round(len(self.cores) - self.others)))
         if threads != self.threads:
             log.info(f"other programs keep {self.others:.1f} of {len(self.cores)} CPU cores busy: "
