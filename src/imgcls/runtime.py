@@ -218,7 +218,7 @@ class CoreShare:
                        f"the free cores of {len(self.cores)}, re-checked every {every_seconds:g} s"
                        + (" (not measurable here: all of them)" if _busy_ticks(self.cores) is None else ""))
         self.others = 0.0  # cores that other programs kept busy over the last interval
-        self._sample = self._measure()
+        self._sample = self.sample()
         torch.set_num_threads(self.fixed or self.most)
 
     @property
@@ -230,19 +230,16 @@ class CoreShare:
         self.fixed = self.threads
         self.policy = f"{self.fixed} thread(s), fixed: {reason}"
 
-    def _measure(self) -> tuple[float, int, int] | None:
-        busy = _busy_ticks(self.cores)
-        return None if busy is None else (time.monotonic(), busy, _own_ticks())
-
     def sample(self) -> tuple[float, int, int] | None:
         """A reading for `others_since`: None where /proc/stat is not there to read."""
-        return self._measure()
+        busy = _busy_ticks(self.cores)
+        return None if busy is None else (time.monotonic(), busy, _own_ticks())
 
     def others_since(self, sample: tuple[float, int, int] | None,
                      now: tuple[float, int, int] | None = None) -> float:
         """Cores of ours that other programs kept busy, on average, from `sample` to `now` (a new reading
         when not given); 0 when not measurable."""
-        now = now or self._measure()
+        now = now or self.sample()
         if sample is None or now is None:
             return 0.0
         (then, busy_then, own_then), (moment, busy, own) = sample, now
@@ -254,7 +251,7 @@ class CoreShare:
         the number of threads."""
         if self.fixed or self._sample is None or time.monotonic() - self._sample[0] < self.every_seconds:
             return self.threads
-        now = self._measure()
+        now = self.sample()
         self.others, self._sample = self.others_since(self._sample, now), now
         threads = max(1, min(self.most, round(len(self.cores) - self.others)))
         if threads != self.threads:
