@@ -64,10 +64,10 @@ def flipped(correct: np.ndarray, start: int, stop: int) -> np.ndarray:
 def write_a_beats_b(root: Path) -> Path:
     """Two configurations x 3 seeds on the same 400 images.
 
-    Majority vote per image: both right on 0-299, only A on 300-359 (b = 60), only B on 360-379
-    (c = 20), both wrong on 380-399. Each seed changes a few images that no other seed changes, so
-    the majorities stay as above while the seeds differ: A 0.900, 0.890, 0.880 (mean 0.89, std 0.01);
-    B 0.800, 0.805, 0.810 (mean 0.805, std 0.005).
+    Seed 0: both right on 0-299, only A on 300-359 (b = 60), only B on 360-379 (c = 20), both wrong
+    on 380-399. Seed 1 makes A wrong on 0-3 and B right on 380-381 (b = 60, c = 26), seed 2 A wrong on
+    4-11 and B right on 382-385 (b = 60, c = 32): summed over the seed pairs b = 180, c = 78. The seeds
+    differ: A 0.900, 0.890, 0.880 (mean 0.89, std 0.01); B 0.800, 0.805, 0.810 (mean 0.805, std 0.005).
     """
     a, b = mask((0, 360)), mask((0, 300), (360, 380))
     for seed, a_seed, b_seed in [(0, a, b), (1, flipped(a, 0, 4), flipped(b, 380, 382)),
@@ -144,10 +144,11 @@ def test_a_clearly_better_configuration_is_significant_with_the_constructed_disc
     best, second = group_runs(find_runs([write_a_beats_b(tmp_path)]))
     result = paired_test(best, second)
     assert result["images"] == IMAGES
-    assert result["mcnemar"]["b"] == 60 and result["mcnemar"]["c"] == 20
+    assert result["mcnemar"]["b"] == 180 and result["mcnemar"]["c"] == 78
+    assert result["mcnemar"]["pairs"] == [[0, 0], [1, 1], [2, 2]]
     assert result["mcnemar"]["method"] == "chi-square"
-    assert result["mcnemar"]["statistic"] == pytest.approx(39 ** 2 / 80)
-    assert result["mcnemar"]["p_value"] == pytest.approx(chi2.sf(39 ** 2 / 80, 1)) and result["mcnemar"]["p_value"] < 1e-4
+    assert result["mcnemar"]["statistic"] == pytest.approx(101 ** 2 / 258)
+    assert result["mcnemar"]["p_value"] == pytest.approx(chi2.sf(101 ** 2 / 258, 1)) and result["mcnemar"]["p_value"] < 1e-4
     # per image averaged over seeds: A (1080 - 12) / 1200, B (960 + 6) / 1200
     assert result["accuracy_a"] == pytest.approx(0.89) and result["accuracy_b"] == pytest.approx(0.805)
     assert result["difference"] == pytest.approx(0.085)
@@ -155,7 +156,7 @@ def test_a_clearly_better_configuration_is_significant_with_the_constructed_disc
     assert result["verdict"] == "significant"
     assert result["statement"] == (
         "optim.lr=0.001 (0.890 ± 0.010, n=3) beats optim.lr=0.01 (0.805 ± 0.005, n=3) by 8.5 points, "
-        f"95% CI [{100 * result['ci_low']:.1f}, {100 * result['ci_high']:.1f}]; McNemar p < 0.0001: "
+        f"95% CI [{100 * result['ci_low']:.1f}, {100 * result['ci_high']:.1f}]; McNemar p < 0.0001 over 3 seed pairs: "
         "the difference is significant at the 5% level.")
     # seeded: the same interval again, another seed another one
     assert paired_test(best, second)["ci_low"] == result["ci_low"]
@@ -163,32 +164,55 @@ def test_a_clearly_better_configuration_is_significant_with_the_constructed_disc
 
 
 def test_configurations_of_equal_quality_are_not_significant(tmp_path):
-    # both right on 360 images; A alone on 350-359 and B alone on 360-369: b = c = 10
+    # in each seed both right on 360 images; A alone on 5 of 350-359 and B alone on 5 of 360-369: summed
+    # over the two seed pairs b = c = 10
     for seed in (0, 1):
-        write_run(tmp_path / f"a{seed}", mask((0, 360)), seed, ("optim.lr=0.001",))
-        write_run(tmp_path / f"b{seed}", mask((0, 350), (360, 370)), seed, ("optim.lr=0.01",))
+        write_run(tmp_path / f"a{seed}", mask((0, 355 - 5 * seed), (360 - 5 * seed, 360)), seed, ("optim.lr=0.001",))
+        write_run(tmp_path / f"b{seed}", mask((0, 350), (360 + 5 * seed, 365 + 5 * seed)), seed, ("optim.lr=0.01",))
     result = paired_test(*group_runs(find_runs([tmp_path])))
     assert (result["mcnemar"]["b"], result["mcnemar"]["c"]) == (10, 10)
     assert result["mcnemar"]["method"] == "exact binomial" and result["mcnemar"]["p_value"] == pytest.approx(1.0)
     assert result["difference"] == 0 and result["ci_low"] < 0 < result["ci_high"]
     assert result["verdict"] == "not significant"
-    assert "the difference is not significant (the CI includes 0, McNemar p = 1): treat them as equal." in result["statement"]
+    assert ("the difference is not significant (the CI includes 0, McNemar p = 1 over 2 seed pairs): treat them as "
+            "equal.") in result["statement"]
     assert result["statement"].endswith("With fewer than 3 seeds per configuration, the std is not a reliable spread.")
 
 
-def test_tests_that_disagree_are_called_borderline_and_a_one_in_two_tie_is_wrong(tmp_path):
-    # A is right on 120 extra images in one seed of two each: its accuracy is higher (the bootstrap sees
-    # it) but a tie (1 of 2 seeds) counts as wrong, so its majority vote, like B's, is wrong there and
-    # McNemar sees no discordant image
-    a, b = mask((0, 280)), mask((0, 280))
+def test_tests_that_disagree_are_called_borderline(tmp_path):
+    # one run each, A alone right on 5 images: McNemar's exact p = 0.0625, while the bootstrap, which
+    # draws an image set without any of the 5 in only ~0.7% of resamples, excludes 0
+    write_run(tmp_path / "a", mask((0, 305)), 0, ("optim.lr=0.001",))
+    write_run(tmp_path / "b", mask((0, 300)), 0, ("optim.lr=0.01",))
+    result = paired_test(*group_runs(find_runs([tmp_path])))
+    assert (result["mcnemar"]["b"], result["mcnemar"]["c"]) == (5, 0)
+    assert result["mcnemar"]["p_value"] == pytest.approx(0.0625) and result["ci_low"] > 0
+    assert result["verdict"] == "borderline"
+    assert "borderline: the bootstrap CI excludes 0 but McNemar p = 0.062 is not below 0.05" in result["statement"]
+
+
+def test_mcnemar_adds_up_the_seed_pairs_where_a_majority_vote_would_see_nothing(tmp_path):
+    # A is right on 60 more images than B in each of two seeds, other images in each: a per-image majority
+    # vote (a tie, 1 of 2 seeds, counted wrong) would see no discordant image; the seed pairs see 120
     for seed in range(2):
-        write_run(tmp_path / f"a{seed}", flipped(a, 280 + 60 * seed, 340 + 60 * seed), seed, ("optim.lr=0.001",))
-        write_run(tmp_path / f"b{seed}", b, seed, ("optim.lr=0.01",))
+        write_run(tmp_path / f"a{seed}", mask((0, 280), (280 + 60 * seed, 340 + 60 * seed)), seed, ("optim.lr=0.001",))
+        write_run(tmp_path / f"b{seed}", mask((0, 280)), seed, ("optim.lr=0.01",))
     result = paired_test(*group_runs(find_runs([tmp_path])))
     assert result["difference"] == pytest.approx(0.15) and result["ci_low"] > 0
-    assert (result["mcnemar"]["b"], result["mcnemar"]["c"], result["mcnemar"]["p_value"]) == (0, 0, 1.0)
-    assert result["verdict"] == "borderline"
-    assert "borderline: the bootstrap CI excludes 0 but McNemar p = 1 is not below 0.05" in result["statement"]
+    assert (result["mcnemar"]["b"], result["mcnemar"]["c"]) == (120, 0) and result["mcnemar"]["p_value"] < 1e-4
+    assert result["verdict"] == "significant"
+
+
+def test_runs_are_paired_by_their_seed_and_the_rest_in_seed_order(tmp_path):
+    # A ran seeds 1, 2, 3; B ran 3, 7: seed 3 pairs with seed 3, then A's seed 1 with B's seed 7; A's
+    # seed 2 has no partner and stays out of McNemar's counts (not out of the bootstrap)
+    for seed in (1, 2, 3):
+        write_run(tmp_path / f"a{seed}", mask((0, 300 + seed)), seed, ("optim.lr=0.001",))
+    for seed in (3, 7):
+        write_run(tmp_path / f"b{seed}", mask((0, 290)), seed, ("optim.lr=0.01",))
+    result = paired_test(*group_runs(find_runs([tmp_path])))
+    assert result["mcnemar"]["pairs"] == [[3, 3], [1, 7]]
+    assert (result["mcnemar"]["b"], result["mcnemar"]["c"]) == (13 + 11, 0)
 
 
 def test_mcnemar_is_exact_below_25_discordant_images_and_chi_square_from_25():
@@ -298,7 +322,8 @@ def test_compare_reads_what_real_training_runs_write(shapes_folder, tmp_path):
     # seeds 1 and 2, so they share the union of those two splits
     tested = {row["path"] for run in runs.iterdir() for row in csv.DictReader(open(run / "predictions_test.csv"))}
     assert paired["images"] == len(tested) > 0
-    assert paired["mcnemar"]["b"] + paired["mcnemar"]["c"] <= paired["images"]
+    assert paired["mcnemar"]["pairs"] == [[1, 1], [2, 2]]
+    assert paired["mcnemar"]["b"] + paired["mcnemar"]["c"] <= 2 * paired["images"]
     assert paired["ci_low"] <= paired["difference"] <= paired["ci_high"]
     assert not math.isnan(paired["mcnemar"]["p_value"]) and paired["verdict"] in ("significant", "not significant", "borderline")
     assert "fewer than 3 seeds" in paired["statement"]

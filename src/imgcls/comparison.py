@@ -280,28 +280,47 @@ def group_runs(runs: Iterable[str | Path], split: str = "test", ignore: Iterable
 # the paired test of two configurations on the same images
 
 
-def _image_correctness(group: Group, split: str) -> dict[str, list[int]]:
-    """Per test image (by path): [times correct, times tested] over the group's runs.
+def _run_correctness(run_dir: Path, split: str) -> dict[str, int]:
+    """Per image (by path): 1 if the run predicted it right, else 0, from predictions_<split>.csv."""
+    path = run_dir / f"predictions_{split}.csv"
+    try:
+        with open(path, newline="") as handle:
+            return {row["path"]: int(row["correct"]) for row in csv.DictReader(handle)}
+    except FileNotFoundError as error:
+        raise ImgclsError(f"no {path.name} in {run_dir}: evaluate it "
+                          f"(imgcls eval {run_dir} --split {split})") from error
+    except (KeyError, ValueError) as error:
+        raise ImgclsError(f"{path} has no readable 'path' and 'correct' columns ({error}); "
+                          f"write it again with imgcls eval {run_dir} --split {split}") from error
+
+
+def _image_correctness(runs: list[dict[str, int]]) -> dict[str, list[int]]:
+    """Per test image (by path): [times correct, times tested] over the runs of one group.
 
     Counting rather than assuming every seed saw every image keeps data without a fixed test split
     right: there the split follows the seed, and each image is averaged over the seeds that tested it.
     """
     counts: dict[str, list[int]] = {}
-    for run_dir in group.runs:
-        path = run_dir / f"predictions_{split}.csv"
-        try:
-            with open(path, newline="") as handle:
-                for row in csv.DictReader(handle):
-                    tally = counts.setdefault(row["path"], [0, 0])
-                    tally[0] += int(row["correct"])
-                    tally[1] += 1
-        except FileNotFoundError as error:
-            raise ImgclsError(f"no {path.name} in {run_dir}: evaluate it "
-                              f"(imgcls eval {run_dir} --split {split})") from error
-        except (KeyError, ValueError) as error:
-            raise ImgclsError(f"{path} has no readable 'path' and 'correct' columns ({error}); "
-                              f"write it again with imgcls eval {run_dir} --split {split}") from error
+    for correctness in runs:
+        for image, correct in correctness.items():
+            tally = counts.setdefault(image, [0, 0])
+            tally[0] += correct
+            tally[1] += 1
     return counts
+
+
+def _seed_pairs(group_a: Group, group_b: Group) -> list[tuple[int, int]]:
+    """Indices (into each group's runs) of the runs to test against each other: the same seed where
+    both groups ran it, then the remaining runs in seed order. A run without a partner is left out."""
+    left_a, left_b = list(range(group_a.n)), list(range(group_b.n))
+    pairs = []
+    for index_a in range(group_a.n):
+        index_b = next((index for index in left_b if group_b.seeds[index] == group_a.seeds[index_a]), None)
+        if index_b is not None:
+            pairs.append((index_a, index_b))
+            left_a.remove(index_a)
+            left_b.remove(index_b)
+    return pairs + list(zip(left_a, left_b))
 
 
 def _check_same_images(a: Group, b: Group, images_a: set[str], images_b: set[str]) -> None:
@@ -359,9 +378,11 @@ def paired_test(group_a: Group, group_b: Group, split: str = "test", resamples: 
     correctness is averaged over its seeds (the seeds that tested it). The paired bootstrap resamples
     images with replacement and gives the 95% percentile interval of accuracy(A) - accuracy(B); it
     measures how much the difference depends on which test images were drawn, while the ± std measures
-    how much it depends on the seed. McNemar's test (`mcnemar_test`) runs on each configuration's
-    majority vote per image: correct in more than half of its seeds, so a tie (1 of 2 seeds) counts
-    as wrong.
+    how much it depends on the seed. McNemar's test (`mcnemar_test`) pairs the runs by seed (the same
+    seed where both configurations ran it, the rest in seed order) and adds up the discordant images of
+    every pair: each pair is an independent repeat, so five seeds give five times the evidence of one.
+    (A per-image majority vote over seeds would compare two ensembles, which differ less than single
+    runs do: a change that wins every seed by a few tenths of a point could vanish in it.)
 
     Args:
         group_a, group_b: two groups from `group_runs`, usually the best two.
@@ -370,7 +391,8 @@ def paired_test(group_a: Group, group_b: Group, split: str = "test", resamples: 
         seed: seed of the bootstrap's random generator (the same seed, the same interval).
     Returns:
         config_a, config_b (labels), images, accuracy_a, accuracy_b, difference (A - B, fraction), ci_low, ci_high,
-        resamples, mcnemar (see `mcnemar_test`), verdict ("significant", "not significant" or
+        resamples, mcnemar (see `mcnemar_test`; b and c summed over the seed pairs, listed as `pairs`:
+        [seed of A, seed of B] each), verdict ("significant", "not significant" or
         "borderline": the two tests disagree) and statement (one paragraph in words).
     Multi-label groups get `paired_map_test` instead.
 
@@ -379,7 +401,9 @@ def paired_test(group_a: Group, group_b: Group, split: str = "test", resamples: 
     """
     if group_a.multi_label:
         return paired_map_test(group_a, group_b, split, min(resamples, _MULTI_LABEL_RESAMPLES), seed)
-    counts_a, counts_b = _image_correctness(group_a, split), _image_correctness(group_b, split)
+    runs_a = [_run_correctness(run_dir, split) for run_dir in group_a.runs]
+    runs_b = [_run_correctness(run_dir, split) for run_dir in group_b.runs]
+    counts_a, counts_b = _image_correctness(runs_a), _image_correctness(runs_b)
     _check_same_images(group_a, group_b, set(counts_a), set(counts_b))
     images = sorted(counts_a)
     tallies_a = np.array([counts_a[image] for image in images], dtype=float)  # columns: correct, tested
@@ -387,8 +411,15 @@ def paired_test(group_a: Group, group_b: Group, split: str = "test", resamples: 
     accuracy_a, accuracy_b = tallies_a[:, 0] / tallies_a[:, 1], tallies_b[:, 0] / tallies_b[:, 1]
     differences = accuracy_a - accuracy_b
     ci_low, ci_high = np.percentile(_bootstrap_mean(differences, resamples, seed), [2.5, 97.5])
-    majority_a, majority_b = tallies_a[:, 0] > tallies_a[:, 1] / 2, tallies_b[:, 0] > tallies_b[:, 1] / 2
-    mcnemar = mcnemar_test(int(np.sum(majority_a & ~majority_b)), int(np.sum(~majority_a & majority_b)))
+    only_a = only_b = 0
+    pairs = _seed_pairs(group_a, group_b)
+    for index_a, index_b in pairs:
+        run_a, run_b = runs_a[index_a], runs_b[index_b]
+        shared = run_a.keys() & run_b.keys()  # without a fixed test split, the seeds' splits may differ
+        only_a += sum(1 for image in shared if run_a[image] > run_b[image])
+        only_b += sum(1 for image in shared if run_a[image] < run_b[image])
+    mcnemar = mcnemar_test(only_a, only_b)
+    mcnemar["pairs"] = [[group_a.seeds[index_a], group_b.seeds[index_b]] for index_a, index_b in pairs]
     result = {
         "config_a": group_a.label, "config_b": group_b.label, "images": len(images),
         "accuracy_a": float(accuracy_a.mean()), "accuracy_b": float(accuracy_b.mean()),
@@ -506,7 +537,8 @@ def _statement(group_a: Group, group_b: Group, result: dict[str, Any]) -> tuple[
     verb = "beats" if difference > 0 else "trails" if difference < 0 else "ties with"
     text = f"{first} {verb} {second} by {abs(difference):.1f} points, 95% CI [{low:.1f}, {high:.1f}]"
     ci_excludes_zero, mcnemar_significant = low > 0 or high < 0, p_value < _SIGNIFICANCE
-    p_text = f"McNemar p {_format_p(p_value)}"
+    pairs = len(result["mcnemar"]["pairs"])
+    p_text = f"McNemar p {_format_p(p_value)}" + (f" over {pairs} seed pairs" if pairs > 1 else "")
     if ci_excludes_zero and mcnemar_significant:
         verdict, text = "significant", f"{text}; {p_text}: the difference is significant at the 5% level."
     elif not ci_excludes_zero and not mcnemar_significant:
