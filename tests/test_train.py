@@ -147,6 +147,20 @@ def test_auto_model_and_size_follow_the_images(shapes_folder, tmp_path):
     assert augments == ["light", "none", "light", "auto"]
 
 
+def test_label_smoothing_auto_is_a_tenth_for_the_small_cnn_with_cross_entropy_only(shapes_folder, tmp_path):
+    from imgcls.data import assign_splits, resolve_source
+    from imgcls.training import _resolve_auto
+
+    source = assign_splits(resolve_source(str(shapes_folder)), 0.1, 0.1, 0)
+    smoothing = {tuple(overrides): _resolve_auto(load_config(overrides=overrides), source).loss.label_smoothing
+                 for overrides in ([], ["loss.label_smoothing=auto"], ["loss.label_smoothing=0"],
+                                   ["loss.label_smoothing=0.2"], ["loss.name=focal"], ["model.name=resnet18"],
+                                   ["task=multi"])}
+    assert smoothing == {(): 0.1, ("loss.label_smoothing=auto",): 0.1, ("loss.label_smoothing=0",): 0.0,
+                         ("loss.label_smoothing=0.2",): 0.2, ("loss.name=focal",): 0.0, ("model.name=resnet18",): 0.0,
+                         ("task=multi",): 0.0}
+
+
 @pytest.mark.slow
 def test_digits_real_data_reaches_92_percent_in_four_epochs(tmp_path):
     """Real data: scikit-learn's handwritten digits, the default recipe, a short run of 4 epochs (~15 s).

@@ -114,10 +114,12 @@ def build_loss(loss_config: LossConfig, counts: Sequence[int], images: int = 0, 
     name = loss_config.name
     if name == "auto":
         name = "bce" if task == "multi" else "ce"
+    # a run resolves label_smoothing=auto before it builds the loss; a loss built on its own smooths nothing
+    smoothing = loss_config.label_smoothing or 0.0
     if task == "multi":
         weight = positive_weights(counts, images) if loss_config.class_weights == "auto" else None
         if name == "bce":
-            return BinaryCrossEntropy(weight, loss_config.label_smoothing)
+            return BinaryCrossEntropy(weight, smoothing)
         if name == "asl":
             return AsymmetricLoss(loss_config.asl_gamma_negative, loss_config.asl_gamma_positive, loss_config.asl_clip,
                                   weight)
@@ -126,7 +128,7 @@ def build_loss(loss_config: LossConfig, counts: Sequence[int], images: int = 0, 
         raise ValueError(f"loss {name!r} is not for multi-label data; use bce, asl or focal")
     weight = balanced_class_weights(counts) if loss_config.class_weights == "auto" else None
     if name == "ce":
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=loss_config.label_smoothing)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)
     if name == "focal":
-        return FocalLoss(loss_config.focal_gamma, weight, loss_config.label_smoothing)
+        return FocalLoss(loss_config.focal_gamma, weight, smoothing)
     raise ValueError(f"unknown loss {name!r} for single-label data; use ce or focal")
