@@ -144,35 +144,67 @@ def test_the_budget_chooses_the_network_from_the_epochs_it_buys_of_the_default(s
     assert (plain.model.width, plain.model.blocks) == SMALL_RESNET_SHAPE
 
 
-def test_a_busy_program_beside_the_speed_measurement_is_named_in_the_log(shapes_folder):
-    import os
-    import signal
+def start_busy_program(seconds: int) -> int:
+    """A busy loop for `seconds` in another program, not a child of this process (whose CPU time counts as
+    ours); returns its process id."""
     import subprocess
 
+    started = subprocess.run(["sh", "-c", f"timeout {seconds} {sys.executable} -c 'while True: pass' >/dev/null 2>&1 "
+                                          "& echo $!"], capture_output=True, text=True, check=True)
+    time.sleep(0.5)
+    return int(started.stdout)
+
+
+@pytest.fixture
+def probe(shapes_folder, monkeypatch):
+    """(config, source, runtime) for choose_small_resnet_shape with a budget, the threads restored after."""
     import torch
 
+    from imgcls import training
     from imgcls.runtime import CoreShare
 
+    monkeypatch.setattr(training, "PROBE_WAIT_SECONDS", 1.0)
     config, source = resolve_data(load_config(overrides=[f"data.path={shapes_folder}", "train.max_minutes=0.01",
                                                          *FAST]))
     threads = torch.get_num_threads()
-    runtime = Runtime.create("cpu", "fp32", cores=CoreShare())
+    yield config, source, Runtime.create("cpu", "fp32", cores=CoreShare())
+    torch.set_num_threads(threads)
+
+
+def test_a_busy_program_beside_the_speed_measurement_is_waited_for_then_named_in_the_log(probe):
+    import os
+    import signal
+
+    config, source, runtime = probe
+    choose_small_resnet_shape(config, source, runtime)
+    assert not any("busy" in note for note in source.notes)  # alone (the suite runs nothing beside it)
+    alone = len(source.notes)
+    busy = start_busy_program(60)  # throughout: still busy after the wait (1 s here)
     try:
         choose_small_resnet_shape(config, source, runtime)
-        assert not source.notes[-1].startswith("warning:")  # alone (the suite runs nothing beside it)
-        # another program, not a child of this process (whose CPU time counts as ours), busy throughout
-        started = subprocess.run(["sh", "-c", f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
-                                 capture_output=True, text=True, check=True)
-        try:
-            time.sleep(0.5)
-            choose_small_resnet_shape(config, source, runtime)
-        finally:
-            os.kill(int(started.stdout), signal.SIGKILL)
     finally:
-        torch.set_num_threads(threads)
+        os.kill(busy, signal.SIGTERM)  # timeout passes it on to the loop
+    waited, choice, warning = source.notes[alone:]
+    # measured again on the core it left free, as training would run beside it
+    assert re.fullmatch(r"other programs kept CPU cores busy while the speed was measured \([0-9]+ images/s\); "
+                        r"waited [0-9]+ s and measured again on 1 thread\(s\)", waited), waited
+    assert choice.startswith("model.width=")
     assert re.match(r"warning: other programs kept [0-9.]+ CPU core\(s\) busy while the speed was measured",
-                    source.notes[-1]), source.notes[-1]
-    assert "set model.width and model.blocks" in source.notes[-1]
+                    warning), warning
+    assert "set model.width and model.blocks" in warning
+
+
+def test_a_busy_program_that_ends_during_the_wait_leaves_a_clean_measurement(probe, monkeypatch):
+    from imgcls import training
+
+    monkeypatch.setattr(training, "PROBE_WAIT_SECONDS", 10.0)
+    config, source, runtime = probe
+    start_busy_program(3)  # busy through the first measurement (~2 s), gone a second or two later
+    choose_small_resnet_shape(config, source, runtime)
+    waited, choice = source.notes[-2:]
+    assert re.fullmatch(r"other programs kept CPU cores busy while the speed was measured \([0-9]+ images/s\); "
+                        rf"waited [0-9]+ s and measured again on {runtime.cores.most} thread\(s\)", waited), waited
+    assert choice.startswith("model.width=")  # and no warning after it
 
 
 def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_path):

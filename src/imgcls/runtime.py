@@ -252,13 +252,34 @@ class CoreShare:
         if self.fixed or self._sample is None or time.monotonic() - self._sample[0] < self.every_seconds:
             return self.threads
         now = self.sample()
-        self.others, self._sample = self.others_since(self._sample, now), now
-        threads = max(1, min(self.most, round(len(self.cores) - self.others)))
+        others, self._sample = self.others_since(self._sample, now), now
+        return self.use_free_cores(others)
+
+    def use_free_cores(self, others: float) -> int:
+        """Threads for the cores that other programs, keeping `others` cores busy, leave free (at least 1;
+        an explicit OMP_NUM_THREADS stays); returns the number of threads."""
+        self.others = others
+        if self.fixed:
+            return self.threads
+        threads = max(1, min(self.most, round(len(self.cores) - others)))
         if threads != self.threads:
-            log.info(f"other programs keep {self.others:.1f} of {len(self.cores)} CPU cores busy: "
+            log.info(f"other programs keep {others:.1f} of {len(self.cores)} CPU cores busy: "
                      f"{threads} thread(s) from now on")
             torch.set_num_threads(threads)
         return threads
+
+    def wait_for_free_cores(self, busy: float, seconds: float, interval: float = 1.0) -> float:
+        """Wait, up to `seconds`, until other programs keep fewer than `busy` of our cores busy over an
+        `interval`; returns the cores they kept busy over the last one (0 when not measurable)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            before = self.sample()
+            if before is None:
+                return 0.0
+            time.sleep(interval)
+            others = self.others_since(before)
+            if others < busy or time.monotonic() >= deadline:
+                return others
 
 
 def _busy_ticks(cores: list[int]) -> int | None:
