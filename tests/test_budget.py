@@ -60,6 +60,37 @@ def test_the_plan_fills_the_budget_with_whole_epochs_and_the_schedule_ends_with_
     assert budget.planned_epochs() == 48 and not budget.done(budget.total_steps - 1) and budget.done(budget.total_steps)
 
 
+def test_within_an_epoch_the_plan_follows_the_last_500_steps_not_the_jitter_of_100(monkeypatch):
+    from types import SimpleNamespace
+
+    from imgcls import budget as budget_module
+
+    clock = [0.0]
+    monkeypatch.setattr(budget_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    budget = TimeBudget(60, 0.0, 100_000, CosineSchedule(100, 1_000_000), None, validation_share=0.1,
+                        final_share=2.0)
+
+    def run(steps: range, seconds_per_step) -> list[float]:
+        """Take the steps; the step-time estimate after each one that corrected the plan."""
+        estimates = []
+        for step in steps:
+            clock[0] += seconds_per_step(step)
+            budget.after_step(step)
+            if step >= first_plan and (step - first_plan) % budget_module.REPLAN_STEPS == 0:
+                estimates.append(budget.step_seconds)
+        return estimates
+
+    first_plan = budget_module.PROBE_SKIP_STEPS + budget_module.PROBE_STEPS  # then every REPLAN_STEPS
+
+    # alternate blocks of 100 steps at 0.085 and 0.115 s (the jitter of a shared machine)
+    jittery = run(range(1, 3001), lambda step: 0.085 if (step // 100) % 2 else 0.115)
+    steady = jittery[6:]  # once the window is 500 steps long
+    assert steady and all(0.095 <= estimate <= 0.105 for estimate in steady), steady
+    # a lasting change of speed is followed within the window
+    slower = run(range(3001, 3701), lambda step: 0.2)
+    assert slower[-1] == pytest.approx(0.2)
+
+
 def test_progress_lines_show_the_planned_epochs_once_the_first_steps_are_timed():
     schedule = CosineSchedule(warmup_steps=100, total_steps=1000)
     budget = TimeBudget(10, time.perf_counter(), 100, schedule, None, validation_share=0.1, final_share=2.0)

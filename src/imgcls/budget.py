@@ -27,9 +27,11 @@ DEFAULT_EPOCHS = 10  # train.epochs when neither it nor train.max_minutes is set
 # the first steps of a run are slower (memory allocation, thread start-up): the speed is measured after them
 PROBE_SKIP_STEPS = 3
 PROBE_STEPS = 20
-# within an epoch, the plan is corrected from the speed of the last this many steps (an epoch may be longer
-# than the whole budget, and the speed drifts)
+# within an epoch (which may be longer than the whole budget), the plan is corrected every REPLAN_STEPS steps
+# from the speed of the epoch's last REPLAN_WINDOW steps: the speed drifts, but 100 steps alone vary by ~15%
+# on a shared 2-core machine, which moved a 60-minute plan between 30 and 33 epochs and back
 REPLAN_STEPS = 100
+REPLAN_WINDOW = 500
 # kept back from every plan for what the estimates miss: progress lines, checkpoint writes, drift in speed
 SAFETY_SHARE = 0.03
 # at most this share of the planned steps warms up, so a short budget is not mostly warm-up
@@ -93,7 +95,7 @@ class TimeBudget:
         self.total_steps = max_steps if max_steps is not None else (schedule.total_steps if schedule else 2**62)
         self.step_seconds: float | None = None  # measured seconds per optimiser step
         self.validation_seconds: float | None = None  # measured seconds per validation pass
-        self._probe: tuple[int, float] | None = None  # (step, time) where the speed measurement began
+        self._marks: list[tuple[int, float]] = []  # (step, time) of this epoch's speed measurements
 
     def elapsed(self) -> float:
         """Seconds of the budget spent, by this process and, when resumed, before it."""
@@ -112,16 +114,17 @@ class TimeBudget:
 
     def after_step(self, step: int) -> None:
         """Called after optimiser step `step` (1-based count): measures the first steps' speed and plans,
-        then corrects the plan every REPLAN_STEPS steps from their speed."""
+        then corrects the plan every REPLAN_STEPS steps from the speed of the last REPLAN_WINDOW."""
         if step < PROBE_SKIP_STEPS:
             return
-        if self._probe is None:
-            self._probe = (step, time.perf_counter())
+        now = time.perf_counter()
+        if not self._marks:
+            self._marks = [(step, now)]
             return
-        steps = step - self._probe[0]
-        if steps >= (PROBE_STEPS if self.step_seconds is None else REPLAN_STEPS):
-            self.step_seconds = (time.perf_counter() - self._probe[1]) / steps
-            self._probe = (step, time.perf_counter())
+        if step - self._marks[-1][0] >= (PROBE_STEPS if self.step_seconds is None else REPLAN_STEPS):
+            self._marks = [mark for mark in self._marks if step - mark[0] <= REPLAN_WINDOW] + [(step, now)]
+            first_step, first_time = self._marks[0]
+            self.step_seconds = (now - first_time) / (step - first_step)
             self.plan(step)
 
     def after_epoch(self, step: int, train_seconds: float, steps: int, validation_seconds: float) -> None:
@@ -130,7 +133,7 @@ class TimeBudget:
         if steps > 0:
             self.step_seconds = train_seconds / steps
         self.validation_seconds = validation_seconds
-        self._probe = None  # the next epoch's speed is measured from its own steps
+        self._marks = []  # the next epoch's speed is measured from its own steps
         self.plan(step)
 
     def plan(self, step: int) -> None:
