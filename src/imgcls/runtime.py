@@ -270,15 +270,18 @@ class CoreShare:
 
     def wait_for_free_cores(self, busy: float, seconds: float, interval: float = 1.0) -> float:
         """Wait, up to `seconds`, until other programs keep fewer than `busy` of our cores busy over an
-        `interval`; returns the cores they kept busy over the last one (0 when not measurable)."""
+        `interval`; returns the cores they kept busy over the last one (0 when not measurable). The next
+        `adjust` measures from the end of the wait."""
         deadline = time.monotonic() + seconds
         while True:
             before = self.sample()
             if before is None:
                 return 0.0
             time.sleep(interval)
-            others = self.others_since(before)
+            now = self.sample()
+            others = self.others_since(before, now)
             if others < busy or time.monotonic() >= deadline:
+                self._sample = now
                 return others
 
 

@@ -330,7 +330,7 @@ def choose_small_resnet_shape(config: Config, source: DataSource, runtime: Runti
     up to PROBE_WAIT_SECONDS more, see below):
     - under SHORT_BUDGET_EPOCHS, the narrower, deeper 16/2, which trains ~1.7x more images per second.
       Fashion-MNIST at 5 minutes (2.5 epochs of the default on a CPU without AVX-512): val 0.922 ± 0.002
-      against 0.914 ± 0.001 (3 seeds, McNemar p = 0.01);
+      against 0.914 ± 0.001 (3 seeds, McNemar p = 0.01 on the seeds' majority votes, compare's test then);
     - from LONG_BUDGET_EPOCHS, the deeper 32/2 at half the speed, which learns more in the epochs it gets.
       Fashion-MNIST at 10 minutes on a CPU with AVX-512 BF16 (11.8 epochs of the default): val 0.934 ± 0.002
       against 0.928 ± 0.002 (3 seeds, McNemar p = 0.0002 over the seed pairs). 16/2 ties with it there but has stopped gaining
