@@ -257,8 +257,25 @@ def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_pa
     rows = metrics_rows(runs / "budget")
     assert [int(row["epoch"]) for row in rows] == list(range(1, len(rows) + 1))
     assert float(rows[-1]["lr"]) < 0.1 * max(float(row["lr"]) for row in rows)  # the same cosine, ended
+    # the checkpoint holds the plan that ended the run, even when its last epoch re-planned it shorter
+    assert load_checkpoint(runs / "budget" / "checkpoints" / "last.ckpt")["budget"]["total_steps"] == \
+        load_checkpoint(runs / "budget" / "checkpoints" / "last.ckpt")["steps"]
     with pytest.raises(imgcls.ImgclsError, match="already spent its train.max_minutes=0.4"):
         imgcls.train(resume=runs / "budget")
+
+    # killed with its budget spent but its plan not taken (a slow last epoch): the resume plans no step
+    # more and finishes the run with its final evaluation
+    from imgcls.checkpoint import save_checkpoint
+    from imgcls.tracking import update_summary
+
+    last = load_checkpoint(runs / "budget" / "checkpoints" / "last.ckpt")
+    last["budget"].update(seconds_used=0.4 * 60, total_steps=last["steps"] + 100)
+    save_checkpoint(runs / "budget" / "checkpoints" / "last.ckpt", last)
+    update_summary(runs / "budget", status="interrupted", stage="training")
+    imgcls.train(resume=runs / "budget")
+    assert len(metrics_rows(runs / "budget")) == len(rows)
+    assert json.loads((runs / "budget" / "summary.json").read_text())["status"] == "completed"
+
     imgcls.train(resume=runs / "budget", overrides=["train.max_minutes=0.6"])  # a larger budget continues it
     assert len(metrics_rows(runs / "budget")) > len(rows)
 

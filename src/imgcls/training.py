@@ -731,8 +731,12 @@ def _ended_training(run_dir: Path, checkpoint: dict, monitor: str) -> dict[str, 
     """What `_fit` returns, for a run whose training had ended before it was stopped."""
     rows = read_metrics(RunFolder(run_dir).metrics)
     return {"best_epoch": checkpoint["best_epoch"], "best": {monitor: checkpoint["best"]},
-            "last_epoch": {key: float(value) for key, value in rows[-1].items()} if rows else {},
+            "last_epoch": _last_metrics_row(rows),
             "train_minutes": sum(float(row["epoch_seconds"]) for row in rows) / 60}
+
+
+def _last_metrics_row(rows: list[dict[str, str]]) -> dict[str, float]:
+    return {key: float(value) for key, value in rows[-1].items()} if rows else {}
 
 
 @dataclass
@@ -962,7 +966,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     # ---- epochs: until train.epochs, or the time budget's plan, ends
     fit_started = time.perf_counter()
     epoch = state.epoch
-    start_epoch, was_augmented = epoch + 1, False
+    start_epoch, was_augmented, row = epoch + 1, False, None
     while (epochs is None or epoch < epochs) and not state.out_of_time():
         epoch += 1
         of = f"{epoch}/{epochs or _planned_so_far(state.budget)}"
@@ -1002,6 +1006,11 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             "train_gflops_per_s": (flops_per_image or 0.0) * stats["images"] / stats["seconds"] / 1e9,
             "cpu_threads": torch.get_num_threads(),  # at the end of the epoch (see runtime.CoreShare)
         }
+        if state.budget is not None:  # the plan, corrected with this epoch's times: training, and the rest.
+            # Before the checkpoint, which must hold the plan that ends (or continues) the run: a resume
+            # compares its steps with it to tell a finished run from one to continue
+            state.budget.after_epoch(state.steps, stats["seconds"], state.steps - steps_before,
+                                     time.perf_counter() - validation_started)
         rng = distributed.gather(rng_state())
         if is_main:
             append_metrics(RunFolder(run_dir).metrics, row)
@@ -1026,9 +1035,6 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         if stats["data_wait"] > 0.2:
             log.warning(f"{stats['data_wait']:.0%} of the step time was spent waiting for data; "
                         "use data.cache=on, a smaller image size, or more data.workers")
-        if state.budget is not None:  # the plan, corrected with this epoch's times: training, and the rest
-            state.budget.after_epoch(state.steps, stats["seconds"], state.steps - steps_before,
-                                     time.perf_counter() - validation_started)
         if on_epoch is not None and is_main:
             on_epoch(epoch, row)  # may raise RunStopped
         if config.train.patience is not None and state.stale_epochs >= config.train.patience:
@@ -1040,6 +1046,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         log.info(f"time budget: the {state.steps} planned steps are taken, {state.budget.elapsed() / 60:.2f} of "
                  f"train.max_minutes={config.train.max_minutes:g} spent; the rest is kept for the final evaluation")
     checksums = distributed.gather(parameters_checksum(model))
+    if row is None:  # resumed with no step left in the budget's plan: the last epoch is the checkpoint's
+        row = _last_metrics_row(read_metrics(RunFolder(run_dir).metrics))
     result = {"best_epoch": state.best_epoch, "best": {monitor: state.best}, "last_epoch": row,
               "train_minutes": (time.perf_counter() - fit_started) / 60}
     if distributed.enabled:
