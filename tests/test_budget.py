@@ -60,7 +60,8 @@ def test_the_plan_fills_the_budget_with_whole_epochs_and_the_schedule_ends_with_
     assert budget.planned_epochs() == 48 and not budget.done(budget.total_steps - 1) and budget.done(budget.total_steps)
 
 
-def test_within_an_epoch_the_plan_follows_the_last_500_steps_not_the_jitter_of_100(monkeypatch):
+def test_within_an_epoch_the_plan_follows_the_last_500_steps_not_the_jitter_of_100_but_a_slowdown_at_once(
+        monkeypatch):
     from types import SimpleNamespace
 
     from imgcls import budget as budget_module
@@ -89,6 +90,37 @@ def test_within_an_epoch_the_plan_follows_the_last_500_steps_not_the_jitter_of_1
     # a lasting change of speed is followed within the window
     slower = run(range(3001, 3701), lambda step: 0.2)
     assert slower[-1] == pytest.approx(0.2)
+    # a sudden slowdown at once: the plan must not overrun the budget while a 500-step average catches up
+    run(range(3701, 4401), lambda step: 0.1)
+    halved = run(range(4401, 4701), lambda step: 0.2)  # corrections at steps 4423 (22 of its 100 slow), 4523, ...
+    assert halved[0] < 0.11 and halved[1:] == [pytest.approx(0.2)] * 2  # the window's average: 0.124 at 4523
+
+
+def test_a_plan_that_grows_after_the_warm_up_continues_the_cosine_instead_of_raising_the_rate():
+    import torch
+
+    from imgcls.training import cosine_with_warmup
+
+    schedule = CosineSchedule(warmup_steps=100, total_steps=1000)
+    before = schedule(400)
+    assert cosine_with_warmup(400, 100, 1200) > before  # the new plan's cosine at this step: a higher rate
+    schedule.replan(400, 1200)
+    assert schedule(400) == pytest.approx(before)
+    descent = [schedule(step) for step in range(400, 1201)]
+    assert all(later <= earlier for earlier, later in zip(descent, descent[1:])) and descent[-1] == pytest.approx(0)
+    schedule.replan(800, 900)  # a plan that shrinks: a steeper descent, to 0 at its new end
+    assert schedule(800) == pytest.approx(descent[400]) and schedule(900) == pytest.approx(0.0)
+
+    # the anchor of the descent is saved with the scheduler (a resumed run continues it)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    saved = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([parameter], lr=1.0), schedule).state_dict()
+    restored = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([parameter], lr=1.0), CosineSchedule(100, 1000))
+    restored.load_state_dict(saved)
+    assert restored.lr_lambdas[0](850) == pytest.approx(schedule(850))
+
+    # a run resumed to train longer than it was asked: the plain cosine of the longer plan
+    schedule.replan(900, 2000, continuous=False)
+    assert schedule(900) == pytest.approx(cosine_with_warmup(900, 100, 2000)) and schedule(900) > 0.5
 
 
 def test_progress_lines_show_the_planned_epochs_once_the_first_steps_are_timed():

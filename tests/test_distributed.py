@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 
@@ -41,3 +42,22 @@ def test_two_processes_train_one_model_and_resume(shapes_folder, tmp_path):
     assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(1, 10)]
     assert rows[:8] == first
     assert json.loads((runs / "ddp" / "summary.json").read_text())["ranks_in_sync"] is True
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_time_budget(shapes_folder, tmp_path):
+    # rank 0 measures the speed and plans; the other rank receives every plan, so both stop at the same step
+    runs = tmp_path / "runs"
+    result = torchrun("train", str(shapes_folder), "train.max_minutes=0.3", f"run.dir={runs}", "run.name=budget", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((runs / "budget" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    log = (runs / "budget" / "log.txt").read_text()
+    assert "time budget train.max_minutes=0.3" in log and "planned steps are taken" in log
+    assert "2 processes" in log
+    # the run, from its first logged line to its last, fits in the budget (process start-up is before it)
+    times = [datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S") for line in log.splitlines() if line[:4].isdigit()]
+    assert (times[-1] - times[0]).total_seconds() <= 0.3 * 60 + 2
+    with open(runs / "budget" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) >= 2 and float(rows[-1]["lr"]) < 0.1 * max(float(row["lr"]) for row in rows)

@@ -69,6 +69,18 @@ def test_resume_refuses_to_change_the_experiment(shapes_folder, tmp_path):
     assert [row["epoch"] for row in metrics_rows(run)] == ["1", "2"]
 
 
+def test_a_run_resumed_with_more_epochs_ends_like_one_asked_for_them_from_the_start(shapes_folder, tmp_path):
+    # the checkpoint's cosine ends with its 1 epoch: continued as it was, the 2 new epochs would train at
+    # a learning rate of 0; the resumed run lays the cosine of 3 epochs over them instead
+    common = [f"data.path={shapes_folder}", "train.deterministic=true", f"run.dir={tmp_path}", *FAST]
+    straight = imgcls.train(load_config(overrides=[*common, "train.epochs=3", "run.name=straight"]))
+    extended = imgcls.train(load_config(overrides=[*common, "train.epochs=1", "run.name=extended"]))
+    imgcls.train(resume=extended, overrides=["train.epochs=3"])
+    rows = [[{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in metrics_rows(run)]
+            for run in (straight, extended)]
+    assert len(rows[1]) == 3 and rows[0] == rows[1]
+
+
 def test_early_stopping_stops_when_the_monitored_metric_stalls(shapes_folder, tmp_path):
     # a learning rate too small to change anything: val accuracy never improves after epoch 1
     run = imgcls.train(load_config(overrides=[

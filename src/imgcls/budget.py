@@ -32,6 +32,11 @@ PROBE_STEPS = 20
 # on a shared 2-core machine, which moved a 60-minute plan between 30 and 33 epochs and back
 REPLAN_STEPS = 100
 REPLAN_WINDOW = 500
+# ... except a slowdown: when the last REPLAN_STEPS ran this much slower than the window's average, the speed
+# has changed (a program started beside the run), and the window restarts from them. Followed only
+# through the 500-step average, halving the speed late in a run would overrun the budget by up to 400 slow
+# steps (~60 s on Fashion-MNIST), more than the safety share keeps back in a short budget
+SLOWDOWN_RATIO = 1.3
 # kept back from every plan for what the estimates miss: progress lines, checkpoint writes, drift in speed
 SAFETY_SHARE = 0.03
 # at most this share of the planned steps warms up, so a short budget is not mostly warm-up
@@ -44,22 +49,48 @@ FINAL_OVERHEAD_SECONDS = 5.0
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate multiplier: linear warm-up from ~0 to 1, then half a cosine down to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return CosineSchedule(warmup_steps, total_steps)(step)
 
 
 class CosineSchedule:
     """LambdaLR's multiplier for step `step`: warm-up over `warmup_steps`, cosine to 0 at `total_steps`.
-    A TimeBudget may move `total_steps` (and the warm-up, while it lasts) as its estimates improve."""
+    A TimeBudget may move `total_steps` (and the warm-up, while it lasts) as its estimates improve.
+
+    After the warm-up, a move continues the cosine from where it is (`replan`): the rest of its descent is
+    spread over the steps now left. Evaluating the new plan's cosine at the current step instead would
+    raise the learning rate whenever a plan grows (at 40% of a 26-epoch plan that becomes 27: +3%).
+    """
 
     def __init__(self, warmup_steps: int, total_steps: int):
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
+        # the cosine's progress (0 at the top, 1 at zero) was `anchor_progress` at step `anchor_step`, and
+        # goes linearly to 1 at `total_steps`; None: from 0 at the end of the warm-up. LambdaLR's state_dict
+        # saves these with the rest (a checkpoint from before them loads with None: the plain cosine)
+        self.anchor_step: int | None = None
+        self.anchor_progress = 0.0
+
+    def progress(self, step: int) -> float:
+        start, start_progress = ((self.warmup_steps, 0.0) if self.anchor_step is None
+                                 else (self.anchor_step, self.anchor_progress))
+        share = (step - start) / max(1, self.total_steps - start)
+        return min(1.0, start_progress + (1.0 - start_progress) * max(0.0, share))
 
     def __call__(self, step: int) -> float:
-        return cosine_with_warmup(step, self.warmup_steps, self.total_steps)
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
+
+    def replan(self, step: int, total_steps: int, continuous: bool = True) -> None:
+        """End the cosine at `total_steps` instead, from step `step` on: continuous, the next step's
+        multiplier stays what it was and the descent after it is steeper or gentler; otherwise the plain
+        cosine of the new plan, as if it had been the plan from the start (a run resumed to train longer
+        than it was asked, whose descent may have ended: what timm does)."""
+        if continuous and step > self.warmup_steps:
+            self.anchor_step, self.anchor_progress = step, self.progress(step)
+        elif not continuous:
+            self.anchor_step, self.anchor_progress = None, 0.0
+        self.total_steps = total_steps
 
 
 class TimeBudget:
@@ -114,17 +145,22 @@ class TimeBudget:
 
     def after_step(self, step: int) -> None:
         """Called after optimiser step `step` (1-based count): measures the first steps' speed and plans,
-        then corrects the plan every REPLAN_STEPS steps from the speed of the last REPLAN_WINDOW."""
+        then corrects the plan every REPLAN_STEPS steps from the speed of the last REPLAN_WINDOW (or of the
+        last REPLAN_STEPS alone, when they were SLOWDOWN_RATIO slower)."""
         if step < PROBE_SKIP_STEPS:
             return
         now = time.perf_counter()
         if not self._marks:
             self._marks = [(step, now)]
             return
-        if step - self._marks[-1][0] >= (PROBE_STEPS if self.step_seconds is None else REPLAN_STEPS):
+        last_step, last_time = self._marks[-1]
+        if step - last_step >= (PROBE_STEPS if self.step_seconds is None else REPLAN_STEPS):
+            recent = (now - last_time) / (step - last_step)
             self._marks = [mark for mark in self._marks if step - mark[0] <= REPLAN_WINDOW] + [(step, now)]
             first_step, first_time = self._marks[0]
             self.step_seconds = (now - first_time) / (step - first_step)
+            if recent > SLOWDOWN_RATIO * self.step_seconds:
+                self._marks, self.step_seconds = [(last_step, last_time), (step, now)], recent
             self.plan(step)
 
     def after_epoch(self, step: int, train_seconds: float, steps: int, validation_seconds: float) -> None:
@@ -136,15 +172,16 @@ class TimeBudget:
         self._marks = []  # the next epoch's speed is measured from its own steps
         self.plan(step)
 
-    def plan(self, step: int) -> None:
+    def plan(self, step: int, continuous: bool = True) -> None:
         """Set the total number of steps from the time left after `step`. Rank 0 plans; the others of a
-        torchrun job receive its plan (their clocks differ a little)."""
+        torchrun job receive its plan (their clocks differ a little). `continuous`: see
+        `CosineSchedule.replan`."""
         if self.step_seconds is None:  # nothing measured yet
             return
         total = self.broadcast(self._planned_total(step))
         self.total_steps = total
         if self.schedule is not None:
-            self.schedule.total_steps = total
+            self.schedule.replan(step, total, continuous)
             if step < self.schedule.warmup_steps:  # only while it lasts: a finished warm-up stays as it was
                 self.schedule.warmup_steps = max(1, min(self.requested_warmup, round(WARMUP_MAX_SHARE * total)))
 

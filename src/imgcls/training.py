@@ -875,8 +875,9 @@ def validate(state: TrainingState, loader: DataLoader, runtime: Runtime, monitor
 
 
 def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits, steps_per_epoch: int,
-                 started: float, distributed: Distributed) -> TimeBudget:
-    """The plan of `train.max_minutes`, continued from a checkpoint's when resuming."""
+                 started: float, distributed: Distributed, extended: bool) -> TimeBudget:
+    """The plan of `train.max_minutes`, continued from a checkpoint's when resuming (`extended`: with
+    more minutes than the checkpoint's run was given)."""
     sizes = {split: len(dataset) for split, dataset in prepared.datasets.items()}
     final_split = RunFolder.final_split(sizes)
     validated = max(1, sizes["val"]) * (2 if state.ema is not None else 1)  # the raw and the averaged weights
@@ -889,7 +890,7 @@ def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits,
                         final_share=(sizes["val"] + sizes.get(final_split, 0)) / validated, broadcast=distributed.broadcast)
     if state.budget_state:  # resumed: the time spent and the speeds measured so far, and a plan from them
         budget.load_state_dict(state.budget_state)
-        budget.plan(state.steps)
+        budget.plan(state.steps, continuous=not extended)
         log.info(f"time budget train.max_minutes={config.train.max_minutes:g}: {state.budget_state['seconds_used'] / 60:.1f} spent "
                  f"before this resume; planned {budget.total_steps} steps in all ({state.steps} taken)")
     else:
@@ -942,15 +943,25 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     checkpoints = CheckpointSet(RunFolder(run_dir).checkpoints)
     if is_main and checkpoint is None:
         truncate_metrics(RunFolder(run_dir).metrics, 0)  # a run restarted from the beginning after an early kill
+    schedule = scheduler.lr_lambdas[0] if schedule_every == "step" else None
+    planned_steps = schedule.total_steps if isinstance(schedule, CosineSchedule) else None
+    extended = False  # resumed with more minutes than the checkpoint's run was given
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
+        minutes_before = checkpoint.get("config", {}).get("train", {}).get("max_minutes")
+        extended = config.train.max_minutes is not None and (minutes_before is None
+                                                             or config.train.max_minutes > minutes_before)
+        if planned_steps is not None and config.train.max_minutes is None:
+            # an epoch plan is the config's, and the checkpoint's may be shorter (resumed with more
+            # train.epochs: its cosine has ended, and would train the new epochs at a learning rate of 0)
+            schedule.replan(state.steps, planned_steps, continuous=False)
         rng = checkpoint["rng"]  # one state per rank
         set_rng_state(rng[distributed.rank] if distributed.rank < len(rng) else rng[0])
         if is_main:
             truncate_metrics(RunFolder(run_dir).metrics, checkpoint["epoch"])
         log.info(f"resumed after epoch {state.epoch} (best {monitor} {state.best:.4f} at epoch {state.best_epoch})")
     if config.train.max_minutes is not None:
-        state.budget = _time_budget(config, state, prepared, steps_per_epoch, started, distributed)
+        state.budget = _time_budget(config, state, prepared, steps_per_epoch, started, distributed, extended)
     if distributed.enabled and config.model.freeze_epochs:
         raise ImgclsError("model.freeze_epochs does not work with torchrun yet (DDP needs a fixed set of trained "
                           "parameters); use optim.backbone_lr_ratio instead")
