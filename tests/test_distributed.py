@@ -57,7 +57,7 @@ def test_two_processes_share_one_time_budget(shapes_folder, tmp_path):
     assert "2 processes" in log
     # the run, from its first logged line to its last, fits in the budget (process start-up is before it)
     times = [datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S") for line in log.splitlines() if line[:4].isdigit()]
-    assert (times[-1] - times[0]).total_seconds() <= 0.3 * 60 + 2
+    assert (times[-1] - times[0]).total_seconds() <= 0.3 * 60 + 5  # whole seconds; two processes on two cores
     with open(runs / "budget" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) >= 2 and float(rows[-1]["lr"]) < 0.1 * max(float(row["lr"]) for row in rows)

@@ -81,6 +81,31 @@ def test_a_run_resumed_with_more_epochs_ends_like_one_asked_for_them_from_the_st
     assert len(rows[1]) == 3 and rows[0] == rows[1]
 
 
+def test_a_plan_changed_on_resume_sets_the_rate_of_the_first_step():
+    # the resumed optimiser holds the checkpoint's rate (0 at the end of its cosine); LambdaLR would apply
+    # the new plan only from the second step
+    from imgcls.budget import CosineSchedule
+    from imgcls.training import set_scheduled_lr
+
+    def scheduler_at(schedule: CosineSchedule, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+        return scheduler
+
+    ended = scheduler_at(CosineSchedule(10, 100), 100)
+    assert ended.optimizer.param_groups[0]["lr"] == 0.0
+    resumed = scheduler_at(CosineSchedule(10, 200), 0)
+    resumed.optimizer.load_state_dict(ended.optimizer.state_dict())
+    resumed.load_state_dict(ended.state_dict())
+    resumed.lr_lambdas[0].replan(100, 200, continuous=False)
+    set_scheduled_lr(resumed)
+    rate = resumed.optimizer.param_groups[0]["lr"]
+    assert rate == pytest.approx(0.5 * cosine_with_warmup(100, 10, 200)) and rate > 0.2
+
+
 def test_early_stopping_stops_when_the_monitored_metric_stalls(shapes_folder, tmp_path):
     # a learning rate too small to change anything: val accuracy never improves after epoch 1
     run = imgcls.train(load_config(overrides=[

@@ -32,8 +32,8 @@ PROBE_STEPS = 20
 # on a shared 2-core machine, which moved a 60-minute plan between 30 and 33 epochs and back
 REPLAN_STEPS = 100
 REPLAN_WINDOW = 500
-# ... except a slowdown: when the last REPLAN_STEPS ran this much slower than the window's average, the speed
-# has changed (a program started beside the run), and the window restarts from them. Followed only
+# ... except a slowdown: when the last REPLAN_STEPS ran this much slower than the window's steps before them,
+# the speed has changed (a program started beside the run), and the window restarts from them. Followed only
 # through the 500-step average, halving the speed late in a run would overrun the budget by up to 400 slow
 # steps (~60 s on Fashion-MNIST), more than the safety share keeps back in a short budget
 SLOWDOWN_RATIO = 1.3
@@ -124,8 +124,12 @@ class TimeBudget:
         self.broadcast = broadcast
         # until the first plan: the schedule's first guess, or no limit
         self.total_steps = max_steps if max_steps is not None else (schedule.total_steps if schedule else 2**62)
+        # the next plan lays the plain cosine of its steps instead of continuing the schedule's descent: a run
+        # resumed to train longer than it was asked, whose cosine may have ended (CosineSchedule.replan)
+        self.fresh_plan = False
         self.step_seconds: float | None = None  # measured seconds per optimiser step
         self.validation_seconds: float | None = None  # measured seconds per validation pass
+        self.checkpoint_seconds = 0.0  # the last end-of-epoch writes: metrics, loggers, checkpoint (rank 0)
         self._marks: list[tuple[int, float]] = []  # (step, time) of this epoch's speed measurements
 
     def elapsed(self) -> float:
@@ -145,8 +149,8 @@ class TimeBudget:
 
     def after_step(self, step: int) -> None:
         """Called after optimiser step `step` (1-based count): measures the first steps' speed and plans,
-        then corrects the plan every REPLAN_STEPS steps from the speed of the last REPLAN_WINDOW (or of the
-        last REPLAN_STEPS alone, when they were SLOWDOWN_RATIO slower)."""
+        then corrects the plan every REPLAN_STEPS steps from the speed of the last REPLAN_WINDOW (restarted
+        from the last REPLAN_STEPS when they were SLOWDOWN_RATIO slower than the window's steps before them)."""
         if step < PROBE_SKIP_STEPS:
             return
         now = time.perf_counter()
@@ -155,33 +159,38 @@ class TimeBudget:
             return
         last_step, last_time = self._marks[-1]
         if step - last_step >= (PROBE_STEPS if self.step_seconds is None else REPLAN_STEPS):
-            recent = (now - last_time) / (step - last_step)
-            self._marks = [mark for mark in self._marks if step - mark[0] <= REPLAN_WINDOW] + [(step, now)]
+            window = [mark for mark in self._marks if step - mark[0] <= REPLAN_WINDOW]
+            first_step, first_time = window[0]
+            recent, before = (now - last_time) / (step - last_step), None
+            if first_step < last_step:
+                before = (last_time - first_time) / (last_step - first_step)
+            slowed = before is not None and recent > SLOWDOWN_RATIO * before
+            self._marks = [(last_step, last_time) if slowed else mark for mark in window[-1 if slowed else 0:]]
+            self._marks.append((step, now))
             first_step, first_time = self._marks[0]
             self.step_seconds = (now - first_time) / (step - first_step)
-            if recent > SLOWDOWN_RATIO * self.step_seconds:
-                self._marks, self.step_seconds = [(last_step, last_time), (step, now)], recent
             self.plan(step)
 
     def after_epoch(self, step: int, train_seconds: float, steps: int, validation_seconds: float) -> None:
         """Called at the end of each epoch, with what it measured: `steps` optimiser steps took
-        `train_seconds`, and the rest of the epoch (validation, checkpoints) `validation_seconds`."""
+        `train_seconds`, and its validation `validation_seconds` (the writes after it, which save the plan
+        this corrects, are timed apart: `checkpoint_seconds`)."""
         if steps > 0:
             self.step_seconds = train_seconds / steps
         self.validation_seconds = validation_seconds
         self._marks = []  # the next epoch's speed is measured from its own steps
         self.plan(step)
 
-    def plan(self, step: int, continuous: bool = True) -> None:
+    def plan(self, step: int) -> None:
         """Set the total number of steps from the time left after `step`. Rank 0 plans; the others of a
-        torchrun job receive its plan (their clocks differ a little). `continuous`: see
-        `CosineSchedule.replan`."""
+        torchrun job receive its plan (their clocks differ a little)."""
         if self.step_seconds is None:  # nothing measured yet
             return
         total = self.broadcast(self._planned_total(step))
         self.total_steps = total
         if self.schedule is not None:
-            self.schedule.replan(step, total, continuous)
+            self.schedule.replan(step, total, continuous=not self.fresh_plan)
+            self.fresh_plan = False
             if step < self.schedule.warmup_steps:  # only while it lasts: a finished warm-up stays as it was
                 self.schedule.warmup_steps = max(1, min(self.requested_warmup, round(WARMUP_MAX_SHARE * total)))
 
@@ -196,8 +205,9 @@ class TimeBudget:
         # current one included) and of the last, partial one, fits: S * step + V * validation <= left
         epoch_steps_done = step % self.steps_per_epoch
 
-        def seconds(steps: int) -> float:
-            return steps * step_seconds + math.ceil((epoch_steps_done + steps) / self.steps_per_epoch) * validation
+        def seconds(steps: int) -> float:  # an epoch ends with a validation, then a checkpoint
+            epochs_ended = math.ceil((epoch_steps_done + steps) / self.steps_per_epoch)
+            return steps * step_seconds + epochs_ended * (validation + self.checkpoint_seconds)
 
         low, high = 0, int(max(0.0, left) / max(step_seconds, 1e-9))
         while low < high:  # binary search: the time grows with the steps

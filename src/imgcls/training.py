@@ -106,6 +106,13 @@ def _planned_so_far(budget) -> str:
     return "?" if budget.step_seconds is None else str(budget.planned_epochs())
 
 
+def set_scheduled_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Give the optimiser the rate its schedule now says for the next step. A resumed optimiser holds the
+    rate the checkpoint's plan gave; a plan changed on resume would otherwise start one step late."""
+    for group, base, function in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * function(scheduler.last_epoch)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):
     """Returns (scheduler, when): `when` is "step" (after every optimiser step) or "epoch". The cosine
     schedule's plan (a CosineSchedule) is `scheduler.lr_lambdas[0]`; a time budget revises it."""
@@ -518,6 +525,7 @@ class Resumption:
 
     checkpoint: dict | None
     training_ended: bool
+    extends: bool = False  # resumed to train longer than it was asked (more train.epochs or train.max_minutes)
 
 
 def _resume_run(run: str | Path, overrides: list[str], force: bool,
@@ -567,7 +575,7 @@ def _resume_run(run: str | Path, overrides: list[str], force: bool,
                                   f"add train.max_minutes=M (more than {config.train.max_minutes:g}) to continue it")
             raise ImgclsError(f"{run_dir} has already trained all {epochs} epochs; "
                               f"add train.epochs=N (more than {epochs}) to continue it")
-        resumption = Resumption(checkpoint, training_ended=ended)
+        resumption = Resumption(checkpoint, training_ended=ended, extends=raised_epochs)
     if raised_epochs:
         log.info(f"resuming with train.epochs={config.train.epochs}, train.max_minutes={config.train.max_minutes} "
                  f"(was {saved.train.epochs}, {saved.train.max_minutes})")
@@ -702,7 +710,8 @@ def _train(config: Config | None, resume: str | Path | None, overrides: list[str
                 log.info(f"training of {run_dir} had ended; finishing its final evaluation")
                 result = _ended_training(run_dir, checkpoint, config.train.monitor)
             else:
-                result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch, started)
+                result = _fit(config, run_dir, source, runtime, env, checkpoint, loggers, on_epoch, started,
+                              resumption.extends)
             if distributed.is_main:
                 update_summary(run_dir, stage="final evaluation")  # a resume after a kill from here on only finishes
             result.update(_final_evaluation(config, run_dir, source, runtime, loggers, result))
@@ -875,9 +884,10 @@ def validate(state: TrainingState, loader: DataLoader, runtime: Runtime, monitor
 
 
 def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits, steps_per_epoch: int,
-                 started: float, distributed: Distributed, extended: bool) -> TimeBudget:
-    """The plan of `train.max_minutes`, continued from a checkpoint's when resuming (`extended`: with
-    more minutes than the checkpoint's run was given)."""
+                 started: float, distributed: Distributed, extends: bool) -> TimeBudget:
+    """The plan of `train.max_minutes`, continued from a checkpoint's when resuming. `extends`: resumed to
+    train longer than the checkpoint's run was asked, whose cosine may have ended: the first plan lays the
+    plain cosine of the longer run (see CosineSchedule.replan)."""
     sizes = {split: len(dataset) for split, dataset in prepared.datasets.items()}
     final_split = RunFolder.final_split(sizes)
     validated = max(1, sizes["val"]) * (2 if state.ema is not None else 1)  # the raw and the averaged weights
@@ -888,9 +898,12 @@ def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits,
                         epochs * steps_per_epoch if epochs is not None else None,
                         validation_share=validated / max(1, sizes["train"]),
                         final_share=(sizes["val"] + sizes.get(final_split, 0)) / validated, broadcast=distributed.broadcast)
+    budget.fresh_plan = extends
     if state.budget_state:  # resumed: the time spent and the speeds measured so far, and a plan from them
         budget.load_state_dict(state.budget_state)
-        budget.plan(state.steps, continuous=not extended)
+        budget.plan(state.steps)
+        if isinstance(schedule, CosineSchedule):
+            set_scheduled_lr(state.scheduler)
         log.info(f"time budget train.max_minutes={config.train.max_minutes:g}: {state.budget_state['seconds_used'] / 60:.1f} spent "
                  f"before this resume; planned {budget.total_steps} steps in all ({state.steps} taken)")
     else:
@@ -901,8 +914,9 @@ def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits,
 
 def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, env: dict, checkpoint: dict | None,
          loggers: ExperimentLoggers | None, on_epoch: Callable[[int, dict[str, float]], None] | None,
-         started: float) -> dict:
-    """Train epochs until `train.epochs` or the time budget's plan (counted from `started`) ends."""
+         started: float, extends: bool = False) -> dict:
+    """Train epochs until `train.epochs` or the time budget's plan (counted from `started`) ends.
+    `extends`: the checkpoint's run is resumed to train longer than it was asked."""
     distributed = runtime.distributed
     is_main = distributed.is_main
     # ---- data, model, optimiser, loss: the set-up lr-find shares
@@ -945,23 +959,22 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         truncate_metrics(RunFolder(run_dir).metrics, 0)  # a run restarted from the beginning after an early kill
     schedule = scheduler.lr_lambdas[0] if schedule_every == "step" else None
     planned_steps = schedule.total_steps if isinstance(schedule, CosineSchedule) else None
-    extended = False  # resumed with more minutes than the checkpoint's run was given
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
-        minutes_before = checkpoint.get("config", {}).get("train", {}).get("max_minutes")
-        extended = config.train.max_minutes is not None and (minutes_before is None
-                                                             or config.train.max_minutes > minutes_before)
-        if planned_steps is not None and config.train.max_minutes is None:
+        if planned_steps is not None and (config.train.max_minutes is None or extends):
             # an epoch plan is the config's, and the checkpoint's may be shorter (resumed with more
-            # train.epochs: its cosine has ended, and would train the new epochs at a learning rate of 0)
+            # train.epochs: its cosine has ended, and would train the new epochs at a learning rate of 0);
+            # a budget's is replaced by its first plan (see _time_budget)
             schedule.replan(state.steps, planned_steps, continuous=False)
+            set_scheduled_lr(scheduler)
         rng = checkpoint["rng"]  # one state per rank
         set_rng_state(rng[distributed.rank] if distributed.rank < len(rng) else rng[0])
         if is_main:
             truncate_metrics(RunFolder(run_dir).metrics, checkpoint["epoch"])
         log.info(f"resumed after epoch {state.epoch} (best {monitor} {state.best:.4f} at epoch {state.best_epoch})")
     if config.train.max_minutes is not None:
-        state.budget = _time_budget(config, state, prepared, steps_per_epoch, started, distributed, extended)
+        state.budget = _time_budget(config, state, prepared, steps_per_epoch, started, distributed,
+                                    extends=checkpoint is not None and extends)
     if distributed.enabled and config.model.freeze_epochs:
         raise ImgclsError("model.freeze_epochs does not work with torchrun yet (DDP needs a fixed set of trained "
                           "parameters); use optim.backbone_lr_ratio instead")
@@ -1023,6 +1036,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             state.budget.after_epoch(state.steps, stats["seconds"], state.steps - steps_before,
                                      time.perf_counter() - validation_started)
         rng = distributed.gather(rng_state())
+        writing_started = time.perf_counter()
         if is_main:
             append_metrics(RunFolder(run_dir).metrics, row)
             if loggers is not None:
@@ -1035,6 +1049,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                 best_files = (metrics["weights"],
                               artifact_metadata(config, class_names, metrics, epoch, env, setup.normalisation))
             checkpoints.save(saved, best=best_files)
+        if state.budget is not None:  # planned from the next correction on (this epoch's plan is saved above)
+            state.budget.checkpoint_seconds = time.perf_counter() - writing_started
         headline = "  ".join(f"val_{key} {row[f'val_{key}']:.4f}" for key in task.headline[:2])
         log.info(
             f"epoch {epoch}/{epochs or _planned_so_far(state.budget)}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
