@@ -106,9 +106,29 @@ def stop_after_epochs(command: list[str], metrics: Path, epochs: int) -> str:
             process.send_signal(signal.SIGTERM)
             break
         time.sleep(0.005)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired as hung:  # seen once in CI, after "imgcls: interrupted": say where it waits
+        raise AssertionError(f"imgcls train did not exit 120 s after SIGTERM; {_where_it_waits(process)}; "
+                             f"stderr: {(hung.stderr or b'').decode()[-1500:]}") from None
     assert process.returncode == 130, stderr.decode()[-2000:]
     return stderr.decode()
+
+
+def _where_it_waits(process: subprocess.Popen) -> str:
+    """The threads of a hung process and the kernel function each waits in, and its child processes;
+    then kills it (and them)."""
+    tasks = Path(f"/proc/{process.pid}/task")
+    threads = [f"{(task / 'comm').read_text().strip()}:{(task / 'wchan').read_text().strip()}"
+               for task in tasks.iterdir()] if tasks.exists() else []
+    children = subprocess.run(["ps", "--ppid", str(process.pid), "-o", "pid=,stat=,args="], capture_output=True,
+                              text=True).stdout.strip()
+    state = next((line for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                  if line.startswith("State")), "?") if tasks.exists() else "gone"
+    subprocess.run(["pkill", "-KILL", "-P", str(process.pid)])
+    process.kill()
+    process.communicate()
+    return f"{state}; threads {threads}; children [{children}]"
 
 
 @pytest.fixture
