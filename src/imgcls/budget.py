@@ -165,8 +165,7 @@ class TimeBudget:
             if first_step < last_step:
                 before = (last_time - first_time) / (last_step - first_step)
             slowed = before is not None and recent > SLOWDOWN_RATIO * before
-            self._marks = [(last_step, last_time) if slowed else mark for mark in window[-1 if slowed else 0:]]
-            self._marks.append((step, now))
+            self._marks = (window[-1:] if slowed else window) + [(step, now)]  # window[-1] is the last mark
             first_step, first_time = self._marks[0]
             self.step_seconds = (now - first_time) / (step - first_step)
             self.plan(step)
