@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 import sys
@@ -23,8 +24,10 @@ from imgcls.data import assign_splits, resolve_source
 from imgcls.data.checks import mirror_check
 from imgcls.models import LONG_BUDGET_SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_RESNET_SHAPE
 from imgcls.runtime import Runtime
+from imgcls.tracking import StepProgress
 from imgcls.training import (
-    _planned_so_far, automatic_batch_size, choose_small_resnet_shape, resolve_data, small_resnet_shape_for,
+    _planned_so_far, automatic_batch_size, choose_small_resnet_shape, final_prediction_slowdown, resolve_data,
+    small_resnet_shape_for,
 )
 from tests.conftest import stop_after_epochs
 
@@ -131,6 +134,16 @@ def test_progress_lines_show_the_planned_epochs_once_the_first_steps_are_timed()
     assert _planned_so_far(budget) == str(budget.planned_epochs()) == "48"
 
 
+def test_a_progress_line_reads_the_plan_when_it_is_written(caplog):
+    plan = ["?"]  # the first steps of epoch 1 are not timed yet, then the budget plans 6 epochs
+    with caplog.at_level(logging.INFO, logger="imgcls"), StepProgress(100, lambda: f"epoch 1/{plan[0]}", every=10) as bar:
+        bar.update(10)
+        plan[0] = "6"
+        bar.update(10)
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("epoch 1/")]
+    assert [line.split(" (")[0] for line in lines] == ["epoch 1/? 10/100", "epoch 1/6 20/100"]
+
+
 def test_the_plan_keeps_back_the_end_of_epoch_writes_as_measured():
     budget, _ = planned(10, step_seconds=0.1, validation_seconds=2.0)
     budget.checkpoint_seconds = 1.0  # a large model's checkpoint, or a slow tracking server
@@ -138,6 +151,35 @@ def test_the_plan_keeps_back_the_end_of_epoch_writes_as_measured():
     available = 600 * (1 - SAFETY_SHARE) - (2.0 * 2.0 + 5.0)
     assert budget.total_steps * 0.1 + math.ceil(budget.total_steps / 100) * 3.0 <= available
     assert budget.planned_epochs() == 44  # 48 without the writes
+    resumed, _ = planned(10, step_seconds=0.1, validation_seconds=2.0)
+    resumed.load_state_dict(budget.state_dict())  # a resumed run plans with the writes' time before it has timed its own
+    resumed.plan(0)
+    assert resumed.checkpoint_seconds == 1.0 and resumed.planned_epochs() == 44
+
+
+def test_the_final_evaluation_in_fp32_is_kept_back_at_its_measured_slowdown():
+    # a CPU with AVX-512 BF16 validates in bf16 during training and evaluates in fp32 at the end, ~3x slower
+    same, _ = planned(10, step_seconds=0.1, validation_seconds=2.0)
+    slower, _ = planned(10, step_seconds=0.1, validation_seconds=2.0)
+    slower.final_slowdown = 3.0
+    slower.plan(0)
+    available = 600 * (1 - SAFETY_SHARE) - (2.0 * 2.0 * 3.0 + 5.0)  # final_share 2 of a validation, 3x slower
+    assert slower.total_steps * 0.1 + math.ceil(slower.total_steps / 100) * 2.0 <= available
+    assert slower.total_steps < same.total_steps
+
+
+def test_the_final_evaluations_slowdown_is_timed_without_touching_the_model():
+    from imgcls.models import create_model
+
+    model = create_model("small_resnet", 3, (0.5,) * 3, (0.5,) * 3)
+    model.train()
+    batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))]
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert final_prediction_slowdown(model, batches, Runtime.create("cpu", "fp32")) == 1.0  # the same precision
+    assert final_prediction_slowdown(model, [], Runtime.create("cpu", "bf16")) == 1.0  # no val images to time
+    assert final_prediction_slowdown(model, batches, Runtime.create("cpu", "bf16")) >= 1.0
+    assert model.training  # back in training mode, its batch-norm statistics as they were
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
 def test_a_last_epoch_of_a_few_steps_is_left_out():

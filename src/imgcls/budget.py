@@ -130,6 +130,9 @@ class TimeBudget:
         self.step_seconds: float | None = None  # measured seconds per optimiser step
         self.validation_seconds: float | None = None  # measured seconds per validation pass
         self.checkpoint_seconds = 0.0  # the last end-of-epoch writes: metrics, loggers, checkpoint (rank 0)
+        # the final evaluation's time per image over validation's: on a CPU it predicts in fp32 (see
+        # imgcls.prediction.load) where training validates in bf16, 2-4x faster with AVX-512 BF16
+        self.final_slowdown = 1.0
         self._marks: list[tuple[int, float]] = []  # (step, time) of this epoch's speed measurements
 
     def elapsed(self) -> float:
@@ -138,7 +141,7 @@ class TimeBudget:
 
     def state_dict(self) -> dict:
         return {"seconds_used": self.elapsed(), "total_steps": self.total_steps, "step_seconds": self.step_seconds,
-                "validation_seconds": self.validation_seconds}
+                "validation_seconds": self.validation_seconds, "checkpoint_seconds": self.checkpoint_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a checkpoint's budget: its time is spent, its measured speeds are the estimates
@@ -146,6 +149,7 @@ class TimeBudget:
         self.started -= state["seconds_used"]
         self.total_steps = state["total_steps"]
         self.step_seconds, self.validation_seconds = state["step_seconds"], state["validation_seconds"]
+        self.checkpoint_seconds = state.get("checkpoint_seconds", 0.0)  # absent from older checkpoints
 
     def after_step(self, step: int) -> None:
         """Called after optimiser step `step` (1-based count): measures the first steps' speed and plans,
@@ -198,7 +202,7 @@ class TimeBudget:
         validation = self.validation_seconds
         if validation is None:  # not timed yet: prediction costs about a third of a training step per image
             validation = self.validation_share * self.steps_per_epoch * step_seconds / 3
-        final = validation * self.final_share + FINAL_OVERHEAD_SECONDS
+        final = validation * self.final_share * self.final_slowdown + FINAL_OVERHEAD_SECONDS
         left = self.seconds * (1 - SAFETY_SHARE) - self.elapsed() - final
         # the most steps S whose time, with the validations V at the end of every epoch they finish (the
         # current one included) and of the last, partial one, fits: S * step + V * validation <= left

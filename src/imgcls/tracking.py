@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from imgcls.checkpoint import atomic_write
 from imgcls.errors import ImgclsError
@@ -215,10 +215,12 @@ def console_level(level: int) -> Iterator[None]:
 
 
 class StepProgress:
-    """Progress over `total` steps: a live bar on a terminal, otherwise a log line every `every` steps."""
+    """Progress over `total` steps: a live bar on a terminal, otherwise a log line every `every` steps.
+    `description` may be a function, read at every line: a time budget's "epoch 1/6" follows its plan."""
 
-    def __init__(self, total: int, description: str, every: int = 50, min_seconds: float = 0.0):
-        self.total, self.description, self.every = total, description, max(1, every)
+    def __init__(self, total: int, description: str | Callable[[], str], every: int = 50, min_seconds: float = 0.0):
+        self.total, self.every = total, max(1, every)
+        self._description = description if callable(description) else lambda: description
         self.min_seconds = min_seconds  # lines closer together than this are skipped (log files stay short)
         self.count, self.started = 0, time.perf_counter()
         self._last_line = self.started
@@ -232,12 +234,16 @@ class StepProgress:
                 TextColumn("{task.fields[status]}"), transient=True,
             )
             self._bar.start()
-            self._task = self._bar.add_task(description, total=total, status="")
+            self._task = self._bar.add_task(self.description, total=total, status="")
+
+    @property
+    def description(self) -> str:
+        return self._description()
 
     def update(self, steps: int = 1, status: str = "") -> None:
         self.count += steps
         if self._bar is not None:
-            self._bar.update(self._task, advance=steps, status=status)
+            self._bar.update(self._task, advance=steps, status=status, description=self.description)
         elif not self.silent and self.count % self.every < steps and self.count < self.total:
             now = time.perf_counter()
             if now - self._last_line >= self.min_seconds:

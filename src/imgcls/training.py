@@ -141,7 +141,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     runtime: Runtime, scaler: torch.amp.GradScaler, augment: nn.Module | None = None,
                     mixing: Callable | None = None, step_scheduler=None, grad_clip: float | None = None,
                     accumulate: int = 1, after_step: Callable[[torch.Tensor], None] | None = None,
-                    description: str = "train", log_every: int = 50, stop_on_nonfinite: bool = True,
+                    description: str | Callable[[], str] = "train", log_every: int = 50,
+                    stop_on_nonfinite: bool = True,
                     task: Task = SingleLabel(), stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """One pass over `loader` (uint8 batches). On each batch, on the device: `augment`, then `mixing`
     (mixup/cutmix: soft targets). One optimiser step every `accumulate` batches, then the per-step
@@ -199,7 +200,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                                           first_nonfinite.clamp(max=index))
             line_due = bar.count % max(1, log_every) == 0 or bar.total - bar.count < 2
             if stop_on_nonfinite and (check_every_step or line_due):
-                check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, description)
+                check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, bar.description)
             if line_due:
                 # .item() is a CPU-GPU sync point: only when a progress line is due
                 bar.update(1, f"loss {loss_sum.item() / images_seen:.4f}")
@@ -210,7 +211,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             ready = time.perf_counter()
     seconds = time.perf_counter() - started
     if stop_on_nonfinite:
-        check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, description, model)
+        check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, bar.description, model)
     # totals over every process of a torchrun job (a no-op otherwise)
     loss_sum, correct, images_seen = runtime.distributed.sum(
         torch.stack([loss_sum.double(), correct.double(), torch.tensor(images_seen, dtype=torch.float64, device=runtime.device)])
@@ -883,8 +884,31 @@ def validate(state: TrainingState, loader: DataLoader, runtime: Runtime, monitor
     return val, candidate, weights
 
 
+def final_prediction_slowdown(model: nn.Module, loader, runtime: Runtime) -> float:
+    """How many times longer the final evaluation takes per image than validation in training: on a CPU
+    it predicts in fp32 (imgcls.prediction.load: bf16 would change low-order digits) where training
+    validates in its bf16 autocast. Timed on one batch of `loader` each way, after one untimed pass each
+    (kernel set-up); 1.0 where both run the same precision."""
+    if runtime.device.type != "cpu" or runtime.precision == "fp32" or len(loader) == 0:
+        return 1.0
+    images = runtime.to_device(next(iter(loader))[0])
+    training = model.training
+    model.eval()
+
+    def seconds(precision: contextlib.AbstractContextManager) -> float:
+        with torch.no_grad(), precision:
+            model(images)
+            started = time.perf_counter()
+            model(images)
+            return time.perf_counter() - started
+
+    slowdown = seconds(contextlib.nullcontext()) / seconds(runtime.autocast())
+    model.train(training)
+    return max(1.0, slowdown)
+
+
 def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits, steps_per_epoch: int,
-                 started: float, distributed: Distributed, extends: bool) -> TimeBudget:
+                 started: float, distributed: Distributed, extends: bool, final_slowdown: float) -> TimeBudget:
     """The plan of `train.max_minutes`, continued from a checkpoint's when resuming. `extends`: resumed to
     train longer than the checkpoint's run was asked, whose cosine may have ended: the first plan lays the
     plain cosine of the longer run (see CosineSchedule.replan)."""
@@ -899,6 +923,7 @@ def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits,
                         validation_share=validated / max(1, sizes["train"]),
                         final_share=(sizes["val"] + sizes.get(final_split, 0)) / validated, broadcast=distributed.broadcast)
     budget.fresh_plan = extends
+    budget.final_slowdown = final_slowdown
     if state.budget_state:  # resumed: the time spent and the speeds measured so far, and a plan from them
         budget.load_state_dict(state.budget_state)
         budget.plan(state.steps)
@@ -908,7 +933,8 @@ def _time_budget(config: Config, state: TrainingState, prepared: PreparedSplits,
                  f"before this resume; planned {budget.total_steps} steps in all ({state.steps} taken)")
     else:
         log.info(f"time budget train.max_minutes={config.train.max_minutes:g}: the schedule is planned over the steps it allows, "
-                 "from the speed of the first steps")
+                 "from the speed of the first steps" + (f"; the final evaluation predicts in fp32, {final_slowdown:.1f}x "
+                                                        "validation's time per image" if final_slowdown > 1 else ""))
     return budget
 
 
@@ -974,7 +1000,8 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         log.info(f"resumed after epoch {state.epoch} (best {monitor} {state.best:.4f} at epoch {state.best_epoch})")
     if config.train.max_minutes is not None:
         state.budget = _time_budget(config, state, prepared, steps_per_epoch, started, distributed,
-                                    extends=checkpoint is not None and extends)
+                                    extends=checkpoint is not None and extends,
+                                    final_slowdown=final_prediction_slowdown(model, val_loader, runtime))
     if distributed.enabled and config.model.freeze_epochs:
         raise ImgclsError("model.freeze_epochs does not work with torchrun yet (DDP needs a fixed set of trained "
                           "parameters); use optim.backbone_lr_ratio instead")
@@ -991,9 +1018,12 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     fit_started = time.perf_counter()
     epoch = state.epoch
     start_epoch, was_augmented, row = epoch + 1, False, None
+
+    def numbered() -> str:  # "epoch 2/6", read at every progress line: a time budget's plan changes as it goes
+        return f"epoch {epoch}/{epochs or _planned_so_far(state.budget)}"
+
     while (epochs is None or epoch < epochs) and not state.out_of_time():
         epoch += 1
-        of = f"{epoch}/{epochs or _planned_so_far(state.budget)}"
         if config.model.freeze_epochs:
             set_backbone_trainable(model, trainable=epoch > config.model.freeze_epochs)
         setup.generator.manual_seed(config.seed + epoch)  # the order depends only on (seed, epoch)
@@ -1014,7 +1044,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             trained, setup.train_loader, setup.optimizer, setup.loss_function, runtime, state.scaler,
             augment=augment, mixing=setup.mixing, step_scheduler=scheduler if schedule_every == "step" else None,
             grad_clip=config.train.grad_clip, accumulate=config.train.accumulate, after_step=state.after_step,
-            description=f"epoch {of}", log_every=config.train.log_every, task=task, stop=state.out_of_time,
+            description=numbered, log_every=config.train.log_every, task=task, stop=state.out_of_time,
         )
         lr = setup.optimizer.param_groups[0]["lr"]
         validation_started = time.perf_counter()
@@ -1053,7 +1083,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
             state.budget.checkpoint_seconds = time.perf_counter() - writing_started
         headline = "  ".join(f"val_{key} {row[f'val_{key}']:.4f}" for key in task.headline[:2])
         log.info(
-            f"epoch {epoch}/{epochs or _planned_so_far(state.budget)}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"{numbered()}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"{headline}  lr {lr:.2e}  "
             f"{row['epoch_seconds']:.0f}s  {row['train_images_per_s']:.0f} img/s  {row['train_gflops_per_s']:.0f} GFLOP/s"
             + (f"  val_ema_{task.headline[0]} {row[f'val_ema_{task.headline[0]}']:.4f}" if ema is not None else "")
