@@ -200,7 +200,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                                           first_nonfinite.clamp(max=index))
             line_due = bar.count % max(1, log_every) == 0 or bar.total - bar.count < 2
             if stop_on_nonfinite and (check_every_step or line_due):
-                check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, bar.description)
+                check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, description)
             if line_due:
                 # .item() is a CPU-GPU sync point: only when a progress line is due
                 bar.update(1, f"loss {loss_sum.item() / images_seen:.4f}")
@@ -211,7 +211,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             ready = time.perf_counter()
     seconds = time.perf_counter() - started
     if stop_on_nonfinite:
-        check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, bar.description, model)
+        check_finite(int(first_nonfinite), len(loader), scaler, optimizer, grad_clip, description, model)
     # totals over every process of a torchrun job (a no-op otherwise)
     loss_sum, correct, images_seen = runtime.distributed.sum(
         torch.stack([loss_sum.double(), correct.double(), torch.tensor(images_seen, dtype=torch.float64, device=runtime.device)])
@@ -237,7 +237,7 @@ _GIVEN_UP_SCALE = 2.0**-16
 
 
 def check_finite(first_nonfinite: int, steps: int, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
-                 grad_clip: float | None, description: str, model: nn.Module | None = None) -> None:
+                 grad_clip: float | None, description: str | Callable[[], str], model: nn.Module | None = None) -> None:
     """Raise TrainingDiverged, with what to try, when step `first_nonfinite` (< `steps`) had a
     non-finite loss, fp16 loss scaling has given up, or (given `model`) a weight is NaN or infinite.
 
@@ -254,7 +254,8 @@ def check_finite(first_nonfinite: int, steps: int, scaler: torch.amp.GradScaler,
         return
     advice = f"lower optim.lr (the learning rate was {optimizer.param_groups[0]['lr']:.2g} then)"
     advice += ", or a smaller train.grad_clip" if grad_clip is not None else ", or set train.grad_clip=1.0"
-    raise TrainingDiverged(f"training diverged in {description}: {what}; {advice}. The checkpoints and the "
+    where = description() if callable(description) else description  # read only here: it runs every CPU step
+    raise TrainingDiverged(f"training diverged in {where}: {what}; {advice}. The checkpoints and the "
                            "model of the last good epoch are kept")
 
 
