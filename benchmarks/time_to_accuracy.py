@@ -47,9 +47,16 @@ def imgcls_run(budget: float, seed: int, runs: Path, overrides: list[str]) -> di
     rows = (run / "metrics.csv").read_text().strip().splitlines()[1:]
     model = imgcls.load_config(run / "config.yaml").model  # the shape the budget chose (model.width=auto)
     return {"loop": "imgcls", "budget": budget, "seed": seed, "minutes": minutes, "epochs": len(rows),
-            "test_acc1": summary["test_metrics"]["acc1"], "network": f"{model.name} {model.width}x{model.blocks}",
+            "test_acc1": summary["test_metrics"]["acc1"], "network": network_name(model),
             "val_acc1": max(float(row.split(",")[4]) for row in rows), "overrides": " ".join(overrides),
             "native_bf16": native_bf16()}
+
+
+def network_name(model) -> str:
+    """`small_resnet 32x2` (width x blocks), `small_convnet 64` (width), or a timm model's name."""
+    if model.blocks is not None:
+        return f"{model.name} {model.width}x{model.blocks}"
+    return f"{model.name} {model.width}" if model.width is not None else model.name
 
 
 def native_bf16() -> bool:
@@ -104,11 +111,11 @@ def where_the_time_goes(steps: int = 60) -> None:
     import imgcls
     from imgcls.data import make_loader
     from imgcls.runtime import Runtime
-    from imgcls.training import choose_small_resnet_shape, prepare, resolve_data
+    from imgcls.training import choose_small_network, prepare, resolve_data
 
     config, source = resolve_data(imgcls.load_config(overrides=["data.path=fashion-mnist", "train.max_minutes=10"]))
     runtime = Runtime.create(config.device, config.train.precision)
-    config = choose_small_resnet_shape(config, source, runtime)
+    config = choose_small_network(config, source, runtime, choose_network=True)
     setup = prepare(config, source, runtime)
     model, optimizer, loss_function = setup.model, setup.optimizer, setup.loss_function
     phases = dict.fromkeys(("data", "augment", "forward", "backward", "optimiser"), 0.0)
@@ -133,7 +140,7 @@ def where_the_time_goes(steps: int = 60) -> None:
                 phases[name] += end - begin
     total = sum(phases.values())
     batch = config.train.batch_size
-    print(f"{config.model.name} {config.model.width}x{config.model.blocks} at {config.data.image_size} px, batch {batch}, {runtime.precision}, "
+    print(f"{network_name(config.model)} at {config.data.image_size} px, batch {batch}, {runtime.precision}, "
           f"{torch.get_num_threads()} threads: {steps * batch / total:.0f} img/s in the loop")
     print("  " + ", ".join(f"{name} {seconds / total:.0%}" for name, seconds in phases.items()))
     loader = make_loader(setup.prepared.datasets["val"], batch * 2, 0, False)

@@ -22,12 +22,14 @@ from imgcls.budget import SAFETY_SHARE, CosineSchedule, TimeBudget
 from imgcls.config import load_config
 from imgcls.data import assign_splits, resolve_source
 from imgcls.data.checks import mirror_check
-from imgcls.models import LONG_BUDGET_SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_RESNET_SHAPE
+from imgcls.models import (
+    LONG_BUDGET_SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_CONVNET_WIDTH, SMALL_RESNET_SHAPE,
+)
 from imgcls.runtime import Runtime
 from imgcls.tracking import StepProgress
 from imgcls.training import (
-    _planned_so_far, automatic_batch_size, choose_small_resnet_shape, final_prediction_slowdown, resolve_data,
-    small_resnet_shape_for,
+    _planned_so_far, automatic_batch_size, choose_small_network, final_prediction_slowdown, resolve_data,
+    small_network_for,
 )
 from tests.conftest import stop_after_epochs
 
@@ -228,34 +230,68 @@ def test_the_budget_chooses_the_network_from_the_epochs_it_buys_of_the_default(s
                                                          *FAST]))
     assert (config.model.width, config.model.blocks) == (None, None)  # left to the measured speed
     runtime = Runtime.create("cpu", "fp32")
-    short = choose_small_resnet_shape(config, source, runtime)
-    assert (short.model.width, short.model.blocks) == SHORT_BUDGET_SMALL_RESNET_SHAPE
+    short = choose_small_network(config, source, runtime, choose_network=True)
+    assert (short.model.name, short.model.width, short.model.blocks) == ("small_resnet", *SHORT_BUDGET_SMALL_RESNET_SHAPE)
     assert "under 8, a narrower, deeper network" in source.notes[-1]
     epochs = float(re.search(r"buys about ([0-9.]+) epochs", source.notes[-1]).group(1))
 
-    def shape(minutes: float, epochs: int | None = None) -> tuple[int, int]:
-        chosen = choose_small_resnet_shape(replace(config, train=replace(config.train, max_minutes=minutes,
-                                                                         epochs=epochs)), source, runtime)
-        return chosen.model.width, chosen.model.blocks
+    def network(minutes: float, epochs: int | None = None, choose: bool = True) -> tuple[str, int, int | None]:
+        chosen = choose_small_network(replace(config, train=replace(config.train, max_minutes=minutes, epochs=epochs)),
+                                      source, runtime, choose_network=choose).model
+        return chosen.name, chosen.width, chosen.blocks
 
+    resnet = ("small_resnet", *SMALL_RESNET_SHAPE)
     # the measured speed varies by some percent between calls: far from the thresholds here, at them below
-    assert shape(0.01 * 4 / epochs) == SHORT_BUDGET_SMALL_RESNET_SHAPE
-    assert shape(0.01 * 4 / epochs, epochs=2) == SMALL_RESNET_SHAPE  # train.epochs ends the run first: not short of time
-    assert shape(0.01 * 40 / epochs) == LONG_BUDGET_SMALL_RESNET_SHAPE  # time for a deeper network
+    assert network(0.01 * 4 / epochs) == ("small_resnet", *SHORT_BUDGET_SMALL_RESNET_SHAPE)
+    assert network(0.01 * 4 / epochs, epochs=2) == resnet  # train.epochs ends the run first: not short of time
+    assert network(0.01 * 40 / epochs) == ("small_convnet", SMALL_CONVNET_WIDTH, None)  # time for a wider network
+    assert "model.name=small_convnet model.width=64: " in source.notes[-1]
+    assert "from 8, the wider small_convnet" in source.notes[-1]
+    # model.name=small_resnet asked for: its deeper shape
+    assert network(0.01 * 40 / epochs, choose=False) == ("small_resnet", *LONG_BUDGET_SMALL_RESNET_SHAPE)
     assert "from 10, a deeper network" in source.notes[-1]
-    assert shape(0.01 * 40 / epochs, epochs=20) == SMALL_RESNET_SHAPE  # train.epochs ends the run first: the default
-    assert [small_resnet_shape_for(bought, None)[0] for bought in (7.9, 8, 9.9, 10)] == [
-        SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_RESNET_SHAPE, SMALL_RESNET_SHAPE, LONG_BUDGET_SMALL_RESNET_SHAPE]
-    assert small_resnet_shape_for(7.9, 7)[0] == SMALL_RESNET_SHAPE  # 7 epochs fit: the one that learns most per epoch
-    assert small_resnet_shape_for(7.9, 8)[0] == SHORT_BUDGET_SMALL_RESNET_SHAPE
-    assert small_resnet_shape_for(12, 20)[0] == LONG_BUDGET_SMALL_RESNET_SHAPE  # the budget ends 20 epochs first
+    assert network(0.01 * 40 / epochs, epochs=20) == resnet  # train.epochs ends the run first: the default
+    convnet = ("small_convnet", SMALL_CONVNET_WIDTH, None)
+    short, long = ("small_resnet", *SHORT_BUDGET_SMALL_RESNET_SHAPE), ("small_resnet", *LONG_BUDGET_SMALL_RESNET_SHAPE)
+    assert [small_network_for(bought, None, True)[0] for bought in (7.9, 8, 9.9, 10)] == [short, convnet, convnet, convnet]
+    assert [small_network_for(bought, None, False)[0] for bought in (7.9, 8, 9.9, 10)] == [short, resnet, resnet, long]
+    assert small_network_for(7.9, 7, True)[0] == resnet  # 7 epochs fit: the one that learns most per epoch
+    assert small_network_for(7.9, 8, True)[0] == short
+    assert small_network_for(9, 8, True)[0] == resnet  # 8 epochs fit in the time: not short of it
+    assert small_network_for(12, 20, False)[0] == long  # the budget ends 20 epochs first
     # a shape asked for is kept, the other key at its default; without a budget, the default
     asked, _ = resolve_data(load_config(overrides=[f"data.path={shapes_folder}", "train.max_minutes=0.01",
                                                    "model.width=24", *FAST]))
     assert (asked.model.width, asked.model.blocks) == (24, 1)
-    assert choose_small_resnet_shape(asked, source, runtime) is asked
+    assert choose_small_network(asked, source, runtime, choose_network=True) is asked
     plain, _ = resolve_data(load_config(overrides=[f"data.path={shapes_folder}", *FAST]))
     assert (plain.model.width, plain.model.blocks) == SMALL_RESNET_SHAPE
+    # small_convnet asked for: its width, with or without a budget, and no blocks
+    for budget in ([], ["train.max_minutes=0.01"]):
+        convnet, _ = resolve_data(load_config(overrides=[f"data.path={shapes_folder}", *FAST, *budget,
+                                                         "model.name=small_convnet"]))
+        assert (convnet.model.width, convnet.model.blocks) == (SMALL_CONVNET_WIDTH, None)
+        assert choose_small_network(convnet, source, runtime, choose_network=False) is convnet
+
+
+def test_model_name_auto_lets_a_long_budget_take_small_convnet(shapes_folder, tmp_path, monkeypatch):
+    from imgcls import training
+
+    # any measured speed buys "8 or more" epochs here: the choice, not the speed, is under test
+    monkeypatch.setattr(training, "SHORT_BUDGET_EPOCHS", 0.0)
+    fast = [key for key in FAST if not key.startswith("model.name=")]
+    run = imgcls.train(load_config(overrides=[f"data.path={shapes_folder}", f"run.dir={tmp_path}",
+                                              "train.max_minutes=0.15", *fast]))
+    saved = load_config(run / "config.yaml").model
+    assert (saved.name, saved.width, saved.blocks) == ("small_convnet", SMALL_CONVNET_WIDTH, None)
+    assert "model.name=small_convnet model.width=64: train.max_minutes=0.15 buys about" in (run / "log.txt").read_text()
+    loaded = imgcls.load(run)  # the artifact rebuilds the network it was trained as
+    assert loaded.metadata["model_name"] == "small_convnet" and loaded.metadata["width"] == SMALL_CONVNET_WIDTH
+    assert len(loaded.predict([next(shapes_folder.rglob("*.png"))])) == 1
+    from imgcls.cli import main
+
+    assert main(["export", str(run), "--format", "onnx"]) == 0  # which checks the ONNX file's answers against torch's
+    assert json.loads((run / "export" / "export.json").read_text())["formats"]["onnx"]["parity"]["passed"]
 
 
 def start_busy_program(seconds: int) -> int:
@@ -271,7 +307,7 @@ def start_busy_program(seconds: int) -> int:
 
 @pytest.fixture
 def probe(shapes_folder, monkeypatch):
-    """(config, source, runtime) for choose_small_resnet_shape with a budget, the threads restored after."""
+    """(config, source, runtime) for choose_small_network with a budget, the threads restored after."""
     import torch
 
     from imgcls import training
@@ -291,12 +327,12 @@ def test_a_busy_program_beside_the_speed_measurement_is_waited_for_then_named_in
     import signal
 
     config, source, runtime = probe
-    choose_small_resnet_shape(config, source, runtime)
+    choose_small_network(config, source, runtime, choose_network=True)
     assert not any("busy" in note for note in source.notes)  # alone (the suite runs nothing beside it)
     alone = len(source.notes)
     busy = start_busy_program(60)  # throughout: still busy after the wait (1 s here)
     try:
-        choose_small_resnet_shape(config, source, runtime)
+        choose_small_network(config, source, runtime, choose_network=True)
     finally:
         os.kill(busy, signal.SIGTERM)  # timeout passes it on to the loop
     waited, choice, warning = source.notes[alone:]
@@ -316,7 +352,7 @@ def test_a_busy_program_that_ends_during_the_wait_leaves_a_clean_measurement(pro
     monkeypatch.setattr(training, "PROBE_WAIT_SECONDS", 10.0)
     config, source, runtime = probe
     start_busy_program(3)  # busy through the first measurement (~2 s), gone a second or two later
-    choose_small_resnet_shape(config, source, runtime)
+    choose_small_network(config, source, runtime, choose_network=True)
     waited, choice = source.notes[-2:]
     assert re.fullmatch(r"other programs kept CPU cores busy while the speed was measured \([0-9]+ images/s\); "
                         rf"waited [0-9]+ s and measured again on {runtime.cores.most} thread\(s\)", waited), waited

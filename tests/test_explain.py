@@ -147,10 +147,15 @@ def test_gradcam_on_a_frozen_training_model_leaves_it_as_found(trained_model):
 
 
 @needs_gradcam
-def test_target_layer_of_small_resnet_and_a_timm_cnn():
+def test_target_layer_of_the_small_networks_and_a_timm_cnn():
     model = small_model()
     layer, reshape = target_layer(model)
     assert layer is model.backbone.stages[-1] and reshape is None
+    convnet = create_model("small_convnet", num_classes=3, mean=(0.5,) * 3, std=(0.5,) * 3, width=8)
+    layer, reshape = target_layer(convnet)
+    assert layer is convnet.backbone.groups[-1] and reshape is None
+    maps = gradcam(convnet.eval(), torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8), [0, 2])
+    assert maps.shape == (2, 28, 28) and np.isfinite(maps).all()
 
     resnet = create_model("resnet18", num_classes=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     layer, reshape = target_layer(resnet, image_size=64)

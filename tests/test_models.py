@@ -1,4 +1,4 @@
-"""Model registry: small_resnet and timm models take uint8 (or 0..1 float) images, one logit per class;
+"""Model registry: small_resnet, small_convnet and timm models take uint8 (or 0..1 float) images, one logit per class;
 weights files start a model with a new head; wrong names and wrong weights are clear errors."""
 
 import pytest
@@ -23,9 +23,10 @@ def build(name: str, num_classes: int, **options) -> ImageClassifier:
 
 # --- building and running ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", ["small_resnet", "small_convnet"])
 @pytest.mark.parametrize("size", [16, 28, 64])
-def test_small_resnet_on_uint8_images(size):
-    model = build("small_resnet", 5)
+def test_small_networks_on_uint8_images(name, size):
+    model = build(name, 5)
     with torch.no_grad():
         logits = model(uint8_images(4, size))
     assert logits.shape == (4, 5)
@@ -61,9 +62,21 @@ def test_timm_models_build_with_num_classes(name, size):
     assert torch.isfinite(logits).all()
 
 
-def test_drop_rate_reaches_the_model():
-    model = build("small_resnet", 3, drop_rate=0.25)
+@pytest.mark.parametrize("name", ["small_resnet", "small_convnet"])
+def test_drop_rate_reaches_the_model(name):
+    model = build(name, 3, drop_rate=0.25)
     assert model.backbone.drop.p == 0.25
+
+
+def test_small_convnet_width_sets_its_three_groups_and_blocks_is_refused():
+    convnet = build("small_convnet", 3)
+    assert [group.conv2.out_channels for group in convnet.backbone.groups] == [64, 256, 256]
+    narrow = build("small_convnet", 3, width=16)
+    assert [group.conv2.out_channels for group in narrow.backbone.groups] == [16, 64, 64]
+    assert narrow.backbone.get_classifier().in_features == 64
+    assert "small_convnet" in list_models("small_*") and default_preprocessing("small_convnet")["image_size"] is None
+    with pytest.raises(ImgclsError, match="model.blocks shapes small_resnet only: small_convnet has three groups"):
+        create_model("small_convnet", 3, MEAN, STD, blocks=2)
 
 
 def test_small_resnet_width_and_blocks_shape_the_network():

@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "arrived while the previous one ran)")
     serve.set_defaults(handler=_serve)
 
-    models = commands.add_parser("models", help="list model names (timm architectures and small_resnet)")
+    models = commands.add_parser("models", help="list model names (timm architectures, small_resnet and small_convnet)")
     models.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'resnet*'")
     models.set_defaults(handler=_models)
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from imgcls.analyze import read_thumbnail, short_name
 from imgcls.errors import ImgclsError
-from imgcls.models import SmallResNet
+from imgcls.models import SmallConvNet, SmallResNet
 
 __all__ = [
     "target_layer", "gradcam", "choose_gallery_rows", "save_gradcam_gallery", "activation_maps",
@@ -198,6 +198,8 @@ def _resolve_layer(model: nn.Module, layer_name: str | None,
     prefix = "backbone." if backbone is not model else ""
     if isinstance(backbone, SmallResNet):
         name = f"{prefix}stages.{len(backbone.stages) - 1}"
+    elif isinstance(backbone, SmallConvNet):
+        name = f"{prefix}groups.{len(backbone.groups) - 1}"
     elif vision_transformer:
         # the last block's first LayerNorm: its output still holds one token per patch, and the class
         # token's prediction depends on them through the last attention (pytorch-grad-cam's ViT recipe)
@@ -210,7 +212,7 @@ def _resolve_layer(model: nn.Module, layer_name: str | None,
 def target_layer(model: nn.Module, image_size: int | None = None) -> tuple[nn.Module, ReshapeTransform | None]:
     """The layer Grad-CAM should weigh, and the transform that makes its output an NCHW map.
 
-    SmallResNet: its last residual block. timm CNNs: the last module of `forward_features` with a
+    SmallResNet: its last residual block; SmallConvNet: its last group. timm CNNs: the last module of `forward_features` with a
     4-D output (e.g. `layer4` of a ResNet, `bn2` of an EfficientNet). timm Vision Transformers: the
     last block's `norm1`, with a transform that drops the class/register tokens and lays the patch
     tokens out as their 2-D grid.

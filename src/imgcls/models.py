@@ -1,4 +1,5 @@
-"""Model registry: every timm architecture plus `small_resnet`, a residual CNN for small images.
+"""Model registry: every timm architecture plus two networks for small images: `small_resnet`, a residual
+CNN, and `small_convnet`, the wide VGG-like network of airbench's CIFAR-10 speed runs.
 
 Every model is wrapped in `ImageClassifier`, which takes uint8 (0..255) or float (0..1) NCHW images
 and normalises them itself: the artifact then carries its own preprocessing, and the exported graph
@@ -18,18 +19,22 @@ from imgcls.errors import ImgclsError
 __all__ = [
     "ImageClassifier", "SmallResNet", "create_model", "list_models", "default_preprocessing", "load_weights",
     "training_flops_per_image", "head_parameters", "set_backbone_trainable", "attach_hidden_head",
-    "SMALL_RESNET_SHAPE", "SHORT_BUDGET_SMALL_RESNET_SHAPE", "LONG_BUDGET_SMALL_RESNET_SHAPE",
+    "SMALL_RESNET_SHAPE", "SHORT_BUDGET_SMALL_RESNET_SHAPE", "LONG_BUDGET_SMALL_RESNET_SHAPE", "SmallConvNet",
+    "SMALL_CONVNET_WIDTH", "LOCAL_MODELS",
 ]
 
-LOCAL_MODELS = ("small_resnet",)
+LOCAL_MODELS = ("small_resnet", "small_convnet")
 
 # small_resnet's (model.width, model.blocks): the default; the narrower, deeper network that a time budget
 # too short for 8 epochs of the default takes (4x fewer operations per layer, about 1.7x the images per
 # second with its twice as many blocks); and the deeper one a budget of 10 or more epochs of the default
-# takes (about half the images per second). Measured on Fashion-MNIST, see training.choose_small_resnet_shape
+# takes with model.name=small_resnet (about half the images per second; with model.name=auto, a budget of 8
+# or more takes small_convnet). Measured on Fashion-MNIST, see training.choose_small_network
 SMALL_RESNET_SHAPE = (32, 1)
 SHORT_BUDGET_SMALL_RESNET_SHAPE = (16, 2)
 LONG_BUDGET_SMALL_RESNET_SHAPE = (32, 2)
+# small_convnet's first group's channels (model.width); the next two have 4x as many, airbench's 64-256-256
+SMALL_CONVNET_WIDTH = 64
 
 # imgcls name -> the timm architecture built for it. The only ImageNet weights that install offline
 # (imgcls.pretrained) were trained by TensorFlow with "same" padding and BatchNorm eps 1e-3: timm's
@@ -95,6 +100,58 @@ class SmallResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class ConvGroup(nn.Module):
+    """3x3 convolution, 2x2 max-pool, BatchNorm, GELU, 3x3 convolution, BatchNorm, GELU: airbench's block,
+    whose first convolution runs at the input's resolution and the second at half of it."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activation(self.bn1(self.pool(self.conv1(x))))
+        return self.activation(self.bn2(self.conv2(x)))
+
+
+class SmallConvNet(nn.Module):
+    """The network of Keller Jordan's airbench (94% on CIFAR-10 in seconds, https://github.com/KellerJordan/
+    cifar10-airbench) for 16-64 px images: a 2x2 convolution stem (airbench's whitening layer, here trained
+    from a random start), three ConvGroups at widths (w, 4w, 4w) that each halve the resolution, a global
+    max-pool and a linear classifier. Its wide convolutions at 14 px and below use a CPU's matrix units
+    better than small_resnet's 28 px first stage: 64-256-256 has 2.8x the parameters of small_resnet 32/2
+    and trains ~1.1x as many images per second (bf16 on a 2-core AVX-512 CPU)."""
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...] = (64, 256, 256), drop_rate: float = 0.0):
+        super().__init__()
+        stem = 24  # airbench's: 2x2 patches of 3 channels, each whitened direction and its negative
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 2, 1, 0, bias=True), nn.GELU())
+        groups, channels = [], stem
+        for width in widths:
+            groups.append(ConvGroup(channels, width))
+            channels = width
+        self.groups = nn.Sequential(*groups)
+        self.num_features = channels
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(channels, num_classes, bias=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.groups(self.stem(x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(features.amax((2, 3))))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 class ImageClassifier(nn.Module):
     """Normalisation + backbone. Input: RGB NCHW images, uint8 (0..255) or float (0..1), the
     convention of torchvision's transforms."""
@@ -122,7 +179,7 @@ def list_models(pattern: str = "*") -> list[str]:
 def default_preprocessing(name: str) -> dict:
     """Input size, mean and std that a model expects: those its pretrained weights were trained
     with (timm's pretrained config, or `PREPROCESSING` where that differs from the original)."""
-    if name == "small_resnet":
+    if name in LOCAL_MODELS:
         return {"image_size": None, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     name = MODEL_ALIASES.get(name, name)
     if name in PREPROCESSING:
@@ -140,6 +197,12 @@ def _create_backbone(name: str, num_classes: int, drop_rate: float, width: int |
     if name == "small_resnet":
         width, blocks = width or SMALL_RESNET_SHAPE[0], blocks or SMALL_RESNET_SHAPE[1]
         return SmallResNet(num_classes, (width, 2 * width, 4 * width), blocks, drop_rate)
+    if name == "small_convnet":
+        if blocks is not None:
+            raise ImgclsError("model.blocks shapes small_resnet only: small_convnet has three groups of two "
+                              "convolutions; leave model.blocks unset (model.width sets its channels)")
+        width = width or SMALL_CONVNET_WIDTH
+        return SmallConvNet(num_classes, (width, 4 * width, 4 * width), drop_rate)
     if (width, blocks) not in ((None, None), SMALL_RESNET_SHAPE):  # configs saved before auto wrote 32 and 1
         raise ImgclsError(f"model.width and model.blocks shape small_resnet only, not '{name}': pick a timm model "
                           "of the size you want by name instead (`imgcls models PATTERN` lists them)")
@@ -229,7 +292,8 @@ def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tupl
     `efficientnet_lite0` builds timm's `tf_efficientnet_lite0` (TensorFlow "same" padding, BatchNorm
     eps 1e-3), the network its ImageNet weights were trained as (see `MODEL_ALIASES`).
     `head_hidden`: a hidden layer of that width in the (new) classifier head. `width`, `blocks`: the shape
-    of a small_resnet (`model.width`, `model.blocks`; None: `SMALL_RESNET_SHAPE`).
+    of a small_resnet (`model.width`, `model.blocks`; None: `SMALL_RESNET_SHAPE`); `width` also sets a
+    small_convnet's channels (None: `SMALL_CONVNET_WIDTH`).
 
     Raises:
         ImgclsError: unknown model name, unusable weights file, ImageNet weights that cannot be had, or a

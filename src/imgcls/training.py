@@ -32,8 +32,8 @@ from imgcls.data.sources import as_task
 from imgcls.errors import ImgclsError
 from imgcls.evaluation import calibrate, evaluate, predict_loader
 from imgcls.models import (
-    LONG_BUDGET_SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_RESNET_SHAPE, create_model,
-    default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image, zero_init_residuals,
+    LOCAL_MODELS, LONG_BUDGET_SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_CONVNET_WIDTH, SMALL_RESNET_SHAPE,
+    create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image, zero_init_residuals,
 )
 from imgcls.runtime import CoreShare, Distributed, Runtime, rng_state, seed_everything, set_rng_state
 from imgcls.tasks import SingleLabel, Task, get_task
@@ -287,11 +287,11 @@ def _resolve_auto(config: Config, source: DataSource) -> Config:
     `loss.label_smoothing=None` and the task from the data, so the saved config is explicit."""
     config = resolve_task(config, source)
     model_name, image_size = config.model.name, config.data.image_size
-    if model_name == "auto" or (image_size is None and model_name == "small_resnet"):
+    if model_name == "auto" or (image_size is None and model_name in LOCAL_MODELS):
         side = median_side([path for path, _ in source.splits["train"]])
         if model_name == "auto":
             model_name = "small_resnet" if side <= 64 else "resnet18"
-        if image_size is None and model_name == "small_resnet":
+        if image_size is None and model_name in LOCAL_MODELS:
             image_size = int(min(64, max(16, math.ceil(side / 4) * 4)))  # a multiple of 4 for two 2x downsamplings
     if image_size is None:
         image_size = default_preprocessing(model_name)["image_size"]
@@ -310,42 +310,57 @@ def _resolve_auto(config: Config, source: DataSource) -> Config:
         augment = "none" if short_runs_matter and planned_epochs(config) < AUGMENT_MIN_EPOCHS else "light"
     smoothing = config.loss.label_smoothing
     if smoothing is None:  # measured on small_resnet only; timm's models and multi-label data keep plain targets
-        smoothing = AUTO_LABEL_SMOOTHING if model_name == "small_resnet" and config.loss.name == "ce" else 0.0
+        smoothing = AUTO_LABEL_SMOOTHING if model_name in LOCAL_MODELS and config.loss.name == "ce" else 0.0
     width, blocks = config.model.width, config.model.blocks
-    # with a time budget, a small_resnet's shape waits for the machine's measured speed (_start_run)
+    # with a time budget, a small_resnet's shape (and with model.name=auto, the network) waits for the
+    # machine's measured speed (_start_run)
     if model_name == "small_resnet" and (config.train.max_minutes is None or width is not None or blocks is not None):
         width, blocks = width or SMALL_RESNET_SHAPE[0], blocks or SMALL_RESNET_SHAPE[1]
+    if model_name == "small_convnet":
+        width = width or SMALL_CONVNET_WIDTH
     return replace(config, model=replace(config.model, name=model_name, width=width, blocks=blocks),
                    data=replace(config.data, image_size=image_size, horizontal_flip=flip, augment=augment),
                    train=replace(config.train, batch_size=batch_size), loss=replace(config.loss, label_smoothing=smoothing))
 
 
-def small_resnet_shape_for(affordable_epochs: float, fixed_epochs: int | None) -> tuple[tuple[int, int], str]:
-    """The small_resnet shape for a budget that buys `affordable_epochs` of the default network, in a run
-    of `fixed_epochs` (`train.epochs`; None: as many as the budget allows), and why, for the log."""
+def small_network_for(affordable_epochs: float, fixed_epochs: int | None,
+                      choose_network: bool) -> tuple[tuple[str, int, int | None], str]:
+    """The small-image network (model.name, model.width, model.blocks) for a budget that buys
+    `affordable_epochs` of the default small_resnet, in a run of `fixed_epochs` (`train.epochs`; None: as
+    many as the budget allows), and why, for the log. `choose_network`: model.name was auto, so a budget
+    that is not short may take small_convnet; otherwise the shapes of small_resnet only."""
     short_of_time = fixed_epochs is None or affordable_epochs < fixed_epochs
     if short_of_time and affordable_epochs < SHORT_BUDGET_EPOCHS:
-        return (SHORT_BUDGET_SMALL_RESNET_SHAPE,
+        return (("small_resnet", *SHORT_BUDGET_SMALL_RESNET_SHAPE),
                 f"; under {SHORT_BUDGET_EPOCHS}, a narrower, deeper network learns more in the time")
+    if short_of_time and choose_network:
+        return (("small_convnet", SMALL_CONVNET_WIDTH, None),
+                f"; from {SHORT_BUDGET_EPOCHS}, the wider small_convnet learns more in the time")
     if short_of_time and affordable_epochs >= LONG_BUDGET_EPOCHS:
-        return LONG_BUDGET_SMALL_RESNET_SHAPE, f"; from {LONG_BUDGET_EPOCHS}, a deeper network learns more in the time"
-    return SMALL_RESNET_SHAPE, ""
+        return (("small_resnet", *LONG_BUDGET_SMALL_RESNET_SHAPE),
+                f"; from {LONG_BUDGET_EPOCHS}, a deeper network learns more in the time")
+    return ("small_resnet", *SMALL_RESNET_SHAPE), ""
 
 
-def choose_small_resnet_shape(config: Config, source: DataSource, runtime: Runtime) -> Config:
-    """`model.width` and `model.blocks` left automatic with `train.max_minutes`: from the epochs the budget
-    buys of the default small_resnet (32 wide, 1 block per stage) at the speed measured on this machine
-    (about 2 s of training steps on random images, spent from the budget; with other programs busy meanwhile,
-    up to PROBE_WAIT_SECONDS more, see below):
-    - under SHORT_BUDGET_EPOCHS, the narrower, deeper 16/2, which trains ~1.7x more images per second.
-      Fashion-MNIST at 5 minutes (2.5 epochs of the default on a CPU without AVX-512): val 0.922 ± 0.002
-      against 0.914 ± 0.001 (3 seeds, McNemar p = 0.01 on the seeds' majority votes, compare's test then);
-    - from LONG_BUDGET_EPOCHS, the deeper 32/2 at half the speed, which learns more in the epochs it gets.
-      Fashion-MNIST at 10 minutes on a CPU with AVX-512 BF16 (11.8 epochs of the default): val 0.934 ± 0.002
-      against 0.928 ± 0.002 (3 seeds, McNemar p = 0.0002 over the seed pairs). 16/2 ties with it there but has stopped gaining
-      from more epochs, which a longer budget would give it;
-    - in between, the default, which learns most per epoch of the three (digits, 4 epochs: val 0.995
-      against 0.984 for 16/2).
+def choose_small_network(config: Config, source: DataSource, runtime: Runtime, choose_network: bool) -> Config:
+    """A small_resnet with `model.width` and `model.blocks` left automatic and `train.max_minutes`: the
+    network for the epochs the budget buys of the default small_resnet (32 wide, 1 block per stage) at the
+    speed measured on this machine (about 2 s of training steps on random images, spent from the budget;
+    with other programs busy meanwhile, up to PROBE_WAIT_SECONDS more, see below):
+    - under SHORT_BUDGET_EPOCHS, the narrower, deeper small_resnet 16/2, which trains ~1.7x more images per
+      second. Fashion-MNIST at 5 minutes (2.5 epochs of the default on a CPU without AVX-512): val 0.922 ±
+      0.002 against 0.914 ± 0.001 (3 seeds, McNemar p = 0.01 on the seeds' majority votes, compare's test then);
+    - from SHORT_BUDGET_EPOCHS, with `choose_network` (model.name was auto), small_convnet 64 at about the
+      speed of small_resnet 32/2 with 2.8x its parameters. Fashion-MNIST on a CPU with AVX-512 BF16, all
+      unaugmented with label smoothing: at 10 minutes (~11.5 epochs of the default), val 0.940 ± 0.002
+      against 32/2's 0.937 ± 0.001 (3 seeds, higher in each; McNemar p = 0.04 over the seed pairs, bootstrap
+      CI [-0.1, 0.7] points: borderline); at 9 minutes (~8.5 epochs of the default), 0.942 ± 0.002 against
+      32/1's 0.934 ± 0.002 (p < 0.0001, CI [0.4, 1.1]);
+    - without `choose_network` (model.name=small_resnet), from LONG_BUDGET_EPOCHS the deeper small_resnet 32/2
+      at half the speed, which learns more in the epochs it gets (val 0.934 ± 0.002 against 0.928 ± 0.002 for
+      32/1, McNemar p = 0.0002 over the seed pairs, 32/1 with light augmentation then; unaugmented, 0.937 ±
+      0.001 against 0.935 ± 0.001), and in between the default, which learns most per epoch of the three
+      (digits, 4 epochs: val 0.995 against 0.984 for 16/2).
     A run capped by `train.epochs` before the budget ends is not short of time: it keeps the default."""
     if config.model.name != "small_resnet" or config.model.width is not None or config.model.blocks is not None:
         return config
@@ -370,17 +385,18 @@ def choose_small_resnet_shape(config: Config, source: DataSource, runtime: Runti
         source.notes.append(f"other programs kept CPU cores busy while the speed was measured ({first:.0f} images/s); "
                             f"waited {time.monotonic() - waited:.0f} s and measured again on {cores.threads} thread(s)")
     epochs = config.train.max_minutes * 60 * speed / max(1, len(source.splits["train"]))
-    shape, why = small_resnet_shape_for(epochs, config.train.epochs)
+    (name, width, blocks), why = small_network_for(epochs, config.train.epochs, choose_network)
+    chosen = f"model.width={width} model.blocks={blocks}" if name == "small_resnet" else f"model.name={name} model.width={width}"
     source.notes.append(
-        f"model.width={shape[0]} model.blocks={shape[1]}: train.max_minutes={config.train.max_minutes:g} buys about "
+        f"{chosen}: train.max_minutes={config.train.max_minutes:g} buys about "
         f"{epochs:.1f} epochs of small_resnet's default (width {SMALL_RESNET_SHAPE[0]}, {SMALL_RESNET_SHAPE[1]} "
         f"block per stage) at the {speed:.0f} images/s measured here{why}")
     if others >= BUSY_DURING_PROBE:
         source.notes.append(
             f"warning: other programs kept {others:.1f} CPU core(s) busy while the speed was measured, so "
-            f"model.width={shape[0]} model.blocks={shape[1]} may be smaller than this machine affords alone; start "
-            f"a budgeted run on an idle machine, or set model.width and model.blocks")
-    return replace(config, model=replace(config.model, width=shape[0], blocks=shape[1]))
+            f"{chosen} may be smaller than this machine affords alone; start a budgeted run on an idle machine, "
+            f"or set model.width and model.blocks")
+    return replace(config, model=replace(config.model, name=name, width=width, blocks=blocks))
 
 
 def _log_data_summary(source: DataSource, class_names: list[str]) -> None:
@@ -505,8 +521,9 @@ def warn_cross_split_copies(source: DataSource, data: str) -> None:
 
 
 def _start_run(config: Config, force: bool, runtime: Runtime) -> tuple[Config, Path, DataSource]:
+    choose_network = config.model.name == "auto"
     config, source = resolve_data(config)
-    config = choose_small_resnet_shape(config, source, runtime)
+    config = choose_small_network(config, source, runtime, choose_network)
     warn_cross_split_copies(source, config.data.path)
     run_dir = create_run_dir(config.run.dir, config.run.name, f"{source.name}-{config.model.name}", force)
     # from now on --force may replace the folder; the process is recorded from the start (see read_summary)
