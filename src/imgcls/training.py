@@ -352,9 +352,9 @@ def choose_small_network(config: Config, source: DataSource, runtime: Runtime, c
       0.002 against 0.914 ± 0.001 (3 seeds, McNemar p = 0.01 on the seeds' majority votes, compare's test then);
     - from SHORT_BUDGET_EPOCHS, with `choose_network` (model.name was auto), small_convnet 64 at about the
       speed of small_resnet 32/2 with 2.8x its parameters. Fashion-MNIST on a CPU with AVX-512 BF16, all
-      unaugmented with label smoothing: at 10 minutes (~11.5 epochs of the default), val 0.940 ± 0.002
-      against 32/2's 0.937 ± 0.001 (3 seeds, higher in each; McNemar p = 0.04 over the seed pairs, bootstrap
-      CI [-0.1, 0.7] points: borderline); at 9 minutes (~8.5 epochs of the default), 0.942 ± 0.002 against
+      unaugmented with label smoothing: at 10 minutes (~11.5 epochs of the default), val 0.940 ± 0.001
+      against 32/2's 0.937 ± 0.002 (5 seeds; McNemar p = 0.005 over the seed pairs, bootstrap CI [0.0, 0.6]
+      points; test 0.941 against 0.936); at 9 minutes (~8.5 epochs of the default), 0.942 ± 0.002 against
       32/1's 0.934 ± 0.002 (p < 0.0001, CI [0.4, 1.1]);
     - without `choose_network` (model.name=small_resnet), from LONG_BUDGET_EPOCHS the deeper small_resnet 32/2
       at half the speed, which learns more in the epochs it gets (val 0.934 ± 0.002 against 0.928 ± 0.002 for
