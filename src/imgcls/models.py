@@ -122,8 +122,9 @@ class SmallConvNet(nn.Module):
     """The network of Keller Jordan's airbench (94% on CIFAR-10 in seconds, https://github.com/KellerJordan/
     cifar10-airbench) for 16-64 px images: a 2x2 convolution stem (airbench's whitening layer, here trained
     from a random start), three ConvGroups at widths (w, 4w, 4w) that each halve the resolution, a global
-    max-pool and a linear classifier. Its wide convolutions at 14 px and below use a CPU's matrix units
-    better than small_resnet's 28 px first stage: 64-256-256 has 2.8x the parameters of small_resnet 32/2
+    max-pool and a linear classifier. Past the stem and the first convolution (27 px at a 28 px input), its
+    wide convolutions run at 13 px and below, which use a CPU's matrix units better than small_resnet's 28 px
+    first stage: 64-256-256 has 2.8x the parameters of small_resnet 32/2
     and trains ~1.1x as many images per second (bf16 on a 2-core AVX-512 CPU)."""
 
     def __init__(self, num_classes: int, widths: tuple[int, ...] = (64, 256, 256), drop_rate: float = 0.0):
