@@ -20,7 +20,7 @@ __all__ = [
     "ImageClassifier", "SmallResNet", "create_model", "list_models", "default_preprocessing", "load_weights",
     "training_flops_per_image", "head_parameters", "set_backbone_trainable", "attach_hidden_head",
     "SMALL_RESNET_SHAPE", "SHORT_BUDGET_SMALL_RESNET_SHAPE", "LONG_BUDGET_SMALL_RESNET_SHAPE", "SmallConvNet",
-    "SMALL_CONVNET_WIDTH", "LOCAL_MODELS",
+    "SMALL_CONVNET_WIDTH", "LOCAL_MODELS", "check_network_shape",
 ]
 
 LOCAL_MODELS = ("small_resnet", "small_convnet")
@@ -193,20 +193,26 @@ def default_preprocessing(name: str) -> dict:
     return {"image_size": int(config.input_size[-1]), "mean": tuple(config.mean), "std": tuple(config.std)}
 
 
+def check_network_shape(name: str, width: int | None, blocks: int | None) -> None:
+    """Refuse `model.width` and `model.blocks` where network `name` has no such shape, before a run starts."""
+    if name == "small_convnet" and blocks is not None:
+        raise ImgclsError("model.blocks shapes small_resnet only: small_convnet has three groups of two "
+                          "convolutions; leave model.blocks unset (model.width sets its channels)")
+    if name not in LOCAL_MODELS and (width, blocks) not in ((None, None), SMALL_RESNET_SHAPE):
+        # (32, 1) passes: configs saved before auto wrote small_resnet's default shape for every model
+        raise ImgclsError(f"model.width and model.blocks shape small_resnet only, not '{name}': pick a timm model "
+                          "of the size you want by name instead (`imgcls models PATTERN` lists them)")
+
+
 def _create_backbone(name: str, num_classes: int, drop_rate: float, width: int | None = None,
                      blocks: int | None = None) -> nn.Module:
+    check_network_shape(name, width, blocks)
     if name == "small_resnet":
         width, blocks = width or SMALL_RESNET_SHAPE[0], blocks or SMALL_RESNET_SHAPE[1]
         return SmallResNet(num_classes, (width, 2 * width, 4 * width), blocks, drop_rate)
     if name == "small_convnet":
-        if blocks is not None:
-            raise ImgclsError("model.blocks shapes small_resnet only: small_convnet has three groups of two "
-                              "convolutions; leave model.blocks unset (model.width sets its channels)")
         width = width or SMALL_CONVNET_WIDTH
         return SmallConvNet(num_classes, (width, 4 * width, 4 * width), drop_rate)
-    if (width, blocks) not in ((None, None), SMALL_RESNET_SHAPE):  # configs saved before auto wrote 32 and 1
-        raise ImgclsError(f"model.width and model.blocks shape small_resnet only, not '{name}': pick a timm model "
-                          "of the size you want by name instead (`imgcls models PATTERN` lists them)")
     import timm
 
     if not timm.is_model(name):
