@@ -47,8 +47,8 @@ __all__ = ["train", "train_one_epoch", "prepare", "TrainingSetup", "TrainingStat
 
 log = logging.getLogger("imgcls")
 
-# a time budget buying fewer epochs than SHORT of the default small_resnet takes the narrower, deeper one;
-# at least LONG, the deeper one of the same width
+# with model.name=small_resnet, a time budget buying fewer epochs than SHORT of its default shape takes the
+# narrower, deeper one; at least LONG, the deeper one of the same width
 SHORT_BUDGET_EPOCHS = 8
 LONG_BUDGET_EPOCHS = 10
 # with model.name=auto, a budget buying from SMALL_CONVNET_EPOCHS[0] up to (not including) SMALL_CONVNET_EPOCHS[1]
@@ -323,7 +323,7 @@ def _resolve_auto(config: Config, source: DataSource) -> Config:
         width, blocks = width or SMALL_RESNET_SHAPE[0], blocks or SMALL_RESNET_SHAPE[1]
     if model_name == "small_convnet":
         width = width or SMALL_CONVNET_WIDTH
-    check_network_shape(model_name, width, blocks)  # here, before a run folder is made for a model that cannot be
+    check_network_shape(model_name, width, blocks)  # here, before a run folder is made for a shape it cannot build
     return replace(config, model=replace(config.model, name=model_name, width=width, blocks=blocks),
                    data=replace(config.data, image_size=image_size, horizontal_flip=flip, augment=augment),
                    train=replace(config.train, batch_size=batch_size), loss=replace(config.loss, label_smoothing=smoothing))
