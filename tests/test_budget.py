@@ -217,6 +217,11 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_learning_rate_at_its_end
     log = (run / "log.txt").read_text()
     assert "time budget train.max_minutes=0.3" in log and "planned steps are taken" in log
     assert "data.augment=auto: none from epoch 1" in log  # unaugmented: a short run learns faster so
+    # the plan grows past 10 epochs on these few images: light augmentation, and with it flip TTA, from then on
+    augmented_from = re.search(r"data.augment=auto: light from epoch (\d+)", log)
+    assert augmented_from is not None
+    assert f"model.tta=auto: from epoch {augmented_from[1]} the saved model answers with the mean of each image" in log
+    assert "model.tta=auto: from epoch 1" not in log
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     # the network's shape, chosen from the measured speed, is written out for `train -c` and the artifact
     saved = load_config(run / "config.yaml").model
@@ -373,7 +378,7 @@ def test_a_busy_program_that_ends_during_the_wait_leaves_a_clean_measurement(pro
 def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_path):
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "imgcls", "train", str(shapes_folder), "train.max_minutes=0.4",
-               f"run.dir={runs}", "run.name=budget", *FAST]
+               f"run.dir={runs}", "run.name=budget", "model.tta=flip", *FAST]
     stop_after_epochs(command, runs / "budget" / "metrics.csv", 3)
     from imgcls.checkpoint import load_checkpoint
 
@@ -384,6 +389,10 @@ def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_pa
     imgcls.train(resume=runs / "budget")
     log = (runs / "budget" / "log.txt").read_text()
     assert f"{spent / 60:.1f} spent before this resume" in log
+    # the mirroring model's final evaluation (twice validation's work) is kept back from the budget
+    assert "model.tta=flip: from epoch 1 the saved model answers with the mean of each image and its mirror image " \
+           "(the final evaluation, twice as long, is kept back from the budget)" in log
+    assert imgcls.load(runs / "budget").metadata["tta"] == "flip"
     rows = metrics_rows(runs / "budget")
     assert [int(row["epoch"]) for row in rows] == list(range(1, len(rows) + 1))
     assert float(rows[-1]["lr"]) < 0.1 * max(float(row["lr"]) for row in rows)  # the same cosine, ended

@@ -268,3 +268,84 @@ def test_a_model_trained_without_flips_is_never_mirrored(shapes_folder, tmp_path
     assert model.flip_allowed is False
     metrics = imgcls.evaluate(run, explain=False, quiet=True, tta="flip")
     assert metrics["tta"]["flip"] is False and metrics["tta"]["views"] == 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# flip TTA built into the model (model.tta)
+
+
+@pytest.fixture(scope="module")
+def mirroring_run(shapes_folder, tmp_path_factory) -> Path:
+    """A run whose model averages each image with its mirror: model.tta=auto, trained on mirror images."""
+    return train_tiny_run(shapes_folder, tmp_path_factory.mktemp("mirroring") / "runs", tmp_path_factory,
+                          "data.augment=light", "train.epochs=1")
+
+
+def test_tta_auto_follows_the_mirror_images_of_training():
+    from imgcls.training import test_time_flip
+
+    def flips(*overrides: str, augmented: bool = True) -> bool:
+        return test_time_flip(imgcls.load_config(overrides=["data.image_size=28", "data.horizontal_flip=true",
+                                                            *overrides]), augmented)
+
+    assert flips() and flips("data.image_size=64")
+    assert not flips(augmented=False)  # an unaugmented epoch never saw a mirror image
+    assert not flips("data.horizontal_flip=false")
+    assert not flips("data.image_size=128")  # bigger images: not measured, and inference costs more
+    assert not flips("model.tta=none")
+    assert flips("model.tta=flip", "data.image_size=224", augmented=False)
+
+
+def test_a_mirroring_model_answers_the_mean_of_the_image_and_its_mirror(mirroring_run, photos):
+    model = load(mirroring_run)
+    assert model.metadata["tta"] == "flip" and model.test_time_flip and model.model.test_time_flip
+    assert "model.tta=auto: from epoch 1 the saved model answers with the mean of each image and its mirror image" \
+        in (mirroring_run / "log.txt").read_text()
+    images = np.stack([model.read(str(path)) for path in photos[:4]]).transpose(0, 3, 1, 2).copy()
+    batch = torch.from_numpy(images)
+    passes = []
+    model.model.backbone.register_forward_hook(lambda *_: passes.append(1))
+    with torch.no_grad():
+        mirrored = model.model(batch)
+        assert len(passes) == 2
+        model.model.test_time_flip = False
+        plain, mirror = model.model(batch), model.model(batch.flip(3))
+        model.model.test_time_flip = True
+        model.model.train()
+        passes.clear()
+        model.model(batch)
+        assert len(passes) == 1  # training sees the plain network
+        model.model.eval()
+    torch.testing.assert_close(mirrored, (plain + mirror) / 2)
+    assert not torch.allclose(plain, mirror)  # the mirror answers differently: the mean is not a no-op
+    # --tta flip on such a model adds nothing: the same probabilities, one pass
+    paths = [str(path) for path in photos[:4]]
+    assert model.predict(paths, tta="flip") == model.predict(paths)
+    assert len(augmented_views(images, "flip", mirrored=True)) == 1
+
+
+def test_a_mirroring_model_exports_the_mean_and_explains_the_plain_network(mirroring_run, photos, tmp_path):
+    from imgcls.explain import gradcam
+
+    run = copy_tree(mirroring_run, tmp_path / "run")
+    assert main(["export", str(run)]) == 0
+    onnx_model = OnnxClassifier(run / "export" / "model.onnx")
+    assert onnx_model.test_time_flip
+    assert dict((entry.key, entry.value) for entry in onnx.load(run / "export" / "model.onnx").metadata_props
+                )["tta"].startswith("flip")
+    model = load(run)
+    paths = [str(path) for path in photos]
+    for onnx_row, row in zip(onnx_model.predict(paths), model.predict(paths)):
+        assert onnx_row["label"] == row["label"] and onnx_row["prob_1"] == pytest.approx(row["prob_1"], abs=1e-4)
+    images = torch.from_numpy(np.stack([model.read(path) for path in paths[:2]]).transpose(0, 3, 1, 2).copy())
+    maps = gradcam(model.model, images, [0, 1])
+    assert model.model.test_time_flip  # restored after Grad-CAM, which ran on the plain network
+    model.model.test_time_flip = False
+    np.testing.assert_allclose(gradcam(model.model, images, [0, 1]), maps, atol=1e-5)
+
+
+def test_model_tta_flip_on_data_that_must_not_be_mirrored_is_refused(shapes_folder, tmp_path):
+    with pytest.raises(ImgclsError, match="model.tta=flip .* data.horizontal_flip is false"):
+        imgcls.train(imgcls.load_config(overrides=[f"data.path={shapes_folder}", f"run.dir={tmp_path / 'runs'}",
+                                                   "model.tta=flip", "data.horizontal_flip=false", "train.epochs=1"]))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -52,12 +52,19 @@ _UNREADABLE_GREY = 0.5  # tile colour (0..1) standing in for an image file that 
 def _preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore, on exit, every module's train/eval flag and every parameter's `requires_grad` and
     `.grad`: a model may mix modes on purpose (BatchNorm frozen in eval inside a training model)
-    and carry gradients accumulated by a training loop, so a global `model.train()` is not enough."""
+    and carry gradients accumulated by a training loop, so a global `model.train()` is not enough.
+    Inside, a model that averages each image with its mirror (`ImageClassifier.test_time_flip`) runs the
+    plain network: a map or a feature vector describes the image as it is, from one forward pass."""
     modes = [(module, module.training) for module in model.modules()]
     parameters = [(parameter, parameter.requires_grad, parameter.grad) for parameter in model.parameters()]
+    test_time_flip = getattr(model, "test_time_flip", False)
     try:
+        if test_time_flip:
+            model.test_time_flip = False
         yield
     finally:
+        if test_time_flip:
+            model.test_time_flip = True
         for module, training in modes:
             module.training = training
         for parameter, requires_grad, grad in parameters:

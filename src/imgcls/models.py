@@ -155,18 +155,29 @@ class SmallConvNet(nn.Module):
 
 class ImageClassifier(nn.Module):
     """Normalisation + backbone. Input: RGB NCHW images, uint8 (0..255) or float (0..1), the
-    convention of torchvision's transforms."""
+    convention of torchvision's transforms.
 
-    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    `test_time_flip` (the artifact's `tta: flip`, see `model.tta`): in eval mode the logits are the mean
+    of the image's and its mirror image's, so that evaluation, calibration, prediction, serving and the
+    ONNX export all answer with the same model. Training, and `imgcls.explain` (Grad-CAM needs one
+    image per activation), see the plain network."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 test_time_flip: bool = False):
         super().__init__()
         self.backbone = backbone
+        self.test_time_flip = test_time_flip
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
-        return self.backbone((images - self.mean) / self.std)
+        images = (images - self.mean) / self.std
+        if self.test_time_flip and not self.training:
+            # two passes rather than one batch of twice the size: a prediction needs no more memory than before
+            return (self.backbone(images) + self.backbone(images.flip(3))) / 2
+        return self.backbone(images)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -291,7 +302,7 @@ def zero_init_residuals(model: nn.Module) -> None:
 def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
                  drop_rate: float = 0.0, pretrained: str | None = None,
                  head_hidden: int | None = None, width: int | None = None,
-                 blocks: int | None = None) -> ImageClassifier:
+                 blocks: int | None = None, test_time_flip: bool = False) -> ImageClassifier:
     """Build `name` with a `num_classes` head, optionally starting from pretrained weights.
 
     `pretrained`: None (random), `imagenet` (see `imgcls.pretrained`: EfficientNet-Lite0's weights
@@ -300,7 +311,7 @@ def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tupl
     eps 1e-3), the network its ImageNet weights were trained as (see `MODEL_ALIASES`).
     `head_hidden`: a hidden layer of that width in the (new) classifier head. `width`, `blocks`: the shape
     of a small_resnet (`model.width`, `model.blocks`; None: `SMALL_RESNET_SHAPE`); `width` also sets a
-    small_convnet's channels (None: `SMALL_CONVNET_WIDTH`).
+    small_convnet's channels (None: `SMALL_CONVNET_WIDTH`). `test_time_flip`: see `ImageClassifier`.
 
     Raises:
         ImgclsError: unknown model name, unusable weights file, ImageNet weights that cannot be had, or a
@@ -315,7 +326,7 @@ def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tupl
         load_weights(backbone, pretrained)
     if head_hidden:  # after the weights: the new head is always trained from scratch
         attach_hidden_head(backbone, num_classes, head_hidden, drop_rate)
-    return ImageClassifier(backbone, mean, std)
+    return ImageClassifier(backbone, mean, std, test_time_flip)
 
 
 def training_flops_per_image(name: str, num_classes: int, image_size: int, width: int | None = None,

@@ -67,21 +67,24 @@ def find_artifact(run: str | Path) -> Path:
     return artifact
 
 
-def augmented_views(images: np.ndarray, tta: TestTimeAugmentation | None, flip: bool = True) -> list[np.ndarray]:
+def augmented_views(images: np.ndarray, tta: TestTimeAugmentation | None, flip: bool = True,
+                    mirrored: bool = False) -> list[np.ndarray]:
     """The views of a uint8 NCHW batch whose probabilities test-time augmentation averages.
 
     None: the batch itself. flip: the batch and its mirror image (left-right). crops: those two and the
     batch shifted by 1/16 of the side up, down, left and right, the uncovered border filled by
     reflection (the shifts of the `light` training augmentation, smaller). `flip=False` (a model trained
     with data.horizontal_flip=false, where a mirror image may be another class) leaves the mirror out:
-    flip then means the shifted crops alone.
+    flip then means the shifted crops alone. `mirrored=True` (a model that averages each image with its
+    mirror itself, `Predictor.test_time_flip`) leaves the mirror out too, with nothing in its place: flip then
+    means the batch alone.
     """
     views = [images]
     if tta is None:
         return views
     if tta not in ("flip", "crops"):
         raise ImgclsError(f"--tta {tta}: use flip or crops")
-    if flip:
+    if flip and not mirrored:
         views.append(np.ascontiguousarray(images[..., ::-1]))
     if tta == "crops" or not flip:
         size = images.shape[-1]
@@ -125,6 +128,12 @@ class Predictor:
         """False for a model trained with data.horizontal_flip=false: flip TTA leaves the mirror out."""
         return ((self.metadata.get("config") or {}).get("data") or {}).get("horizontal_flip", True) is not False
 
+    @property
+    def test_time_flip(self) -> bool:
+        """True when the model answers with the mean of each image's logits and its mirror image's (the
+        artifact's `tta: flip`, see `model.tta`): flip TTA is then built in."""
+        return self.metadata.get("tta") == "flip"
+
     def reject_threshold(self, reject: str | float | None) -> float | None:
         """The confidence below which a single-label `predict` answers `unknown`: None (never), a number,
         or "auto": the threshold chosen on the validation split for the target precision, stored in the
@@ -151,7 +160,7 @@ class Predictor:
 
     def batch_probabilities(self, images: np.ndarray, tta: TestTimeAugmentation | None = None) -> np.ndarray:
         """`forward`, averaged over the test-time augmentation views when `tta` is given."""
-        views = augmented_views(images, tta, self.flip_allowed)
+        views = augmented_views(images, tta, self.flip_allowed, self.test_time_flip)
         if len(views) == 1:
             return self.forward(images)
         return np.mean([self.forward(view) for view in views], axis=0, dtype=np.float32)
@@ -290,7 +299,8 @@ def load(run: str | Path, device: str = "auto") -> Predictor:
     model = create_model(metadata["model_name"], len(metadata["class_names"]), tuple(preprocessing["mean"]),
                          tuple(preprocessing["std"]), drop_rate=metadata.get("drop_rate", 0.0),
                          head_hidden=metadata.get("head_hidden"), width=metadata.get("width"),
-                         blocks=metadata.get("blocks"))  # absent before 2026-11-30: the default shape
+                         blocks=metadata.get("blocks"),  # absent before 2026-11-30: the default shape
+                         test_time_flip=metadata.get("tta") == "flip")  # absent before 2026-12-02: none
     model.load_state_dict(state_dict)
     model = runtime.prepare_model(model).eval()
     return Classifier(model=model, metadata=metadata, runtime=runtime)

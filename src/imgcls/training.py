@@ -324,6 +324,10 @@ def _resolve_auto(config: Config, source: DataSource) -> Config:
     if model_name == "small_convnet":
         width = width or SMALL_CONVNET_WIDTH
     check_network_shape(model_name, width, blocks)  # here, before a run folder is made for a shape it cannot build
+    if config.model.tta == "flip" and not flip:
+        raise ImgclsError("model.tta=flip averages each image with its mirror image, but data.horizontal_flip is "
+                          "false (a mirror image may be another class here): set data.horizontal_flip=true, or "
+                          "model.tta=none")
     return replace(config, model=replace(config.model, name=model_name, width=width, blocks=blocks),
                    data=replace(config.data, image_size=image_size, horizontal_flip=flip, augment=augment),
                    train=replace(config.train, batch_size=batch_size), loss=replace(config.loss, label_smoothing=smoothing))
@@ -459,9 +463,27 @@ def _log_calibration(calibration: dict[str, Any]) -> None:
                                        else "; no confidence threshold reaches train.reject_precision on val"))
 
 
+def test_time_flip(config: Config, augmented: bool) -> bool:
+    """Whether the model saved from an epoch averages each image with its mirror image (`model.tta`).
+
+    auto: flip for images of 64 px or less when the epoch trained on mirror images (`augmented`: its
+    augmentation was not none, and `data.horizontal_flip` let it flip). Measured on Fashion-MNIST
+    (bf16 CPU, val, McNemar): small_resnet 32/2 after 60 minutes with light augmentation, 3 seeds,
+    0.950 -> 0.953 (152 images gained, 99 lost, p = 0.001); small_convnet after 30 minutes 0.945 ->
+    0.949 (p = 0.011); an unaugmented small_convnet after 10 minutes 0.940 -> 0.938, not significant,
+    so runs without mirror images keep the plain network. Bigger images are not measured, and their
+    inference costs more: they keep it off unless asked.
+    """
+    if config.model.tta != "auto":
+        return config.model.tta == "flip"
+    return bool(config.data.horizontal_flip) and augmented and config.data.image_size <= 64
+
+
 def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str, Any], epoch: int,
-                      env: dict[str, Any], normalisation: tuple[tuple[float, ...], tuple[float, ...]]) -> dict[str, Any]:
-    """What the model artifact carries so that predict/eval/export need nothing else."""
+                      env: dict[str, Any], normalisation: tuple[tuple[float, ...], tuple[float, ...]],
+                      tta: bool = False) -> dict[str, Any]:
+    """What the model artifact carries so that predict/eval/export need nothing else. `tta`: the model
+    answers with the mean of each image and its mirror image (see `test_time_flip`)."""
     mean, std = normalisation
     return {
         "model_name": config.model.name,
@@ -471,6 +493,7 @@ def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str,
         "head_hidden": config.model.head_hidden,
         "width": config.model.width,
         "blocks": config.model.blocks,
+        "tta": "flip" if tta else "none",
         "preprocessing": {
             "image_size": config.data.image_size,
             "resize": config.data.resize,
@@ -1045,10 +1068,11 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         if is_main:
             truncate_metrics(RunFolder(run_dir).metrics, checkpoint["epoch"])
         log.info(f"resumed after epoch {state.epoch} (best {monitor} {state.best:.4f} at epoch {state.best_epoch})")
+    final_slowdown = 1.0  # the final evaluation's time per image, in validation's
     if config.train.max_minutes is not None:
+        final_slowdown = final_prediction_slowdown(model, val_loader, runtime)
         state.budget = _time_budget(config, state, prepared, steps_per_epoch, started, distributed,
-                                    extends=checkpoint is not None and extends,
-                                    final_slowdown=final_prediction_slowdown(model, val_loader, runtime))
+                                    extends=checkpoint is not None and extends, final_slowdown=final_slowdown)
     if distributed.enabled and config.model.freeze_epochs:
         raise ImgclsError("model.freeze_epochs does not work with torchrun yet (DDP needs a fixed set of trained "
                           "parameters); use optim.backbone_lr_ratio instead")
@@ -1064,7 +1088,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
     # ---- epochs: until train.epochs, or the time budget's plan, ends
     fit_started = time.perf_counter()
     epoch = state.epoch
-    start_epoch, was_augmented, row = epoch + 1, False, None
+    start_epoch, was_augmented, was_flipped, row = epoch + 1, False, False, None
 
     def numbered() -> str:  # "epoch 2/6", read at every progress line: a time budget's plan changes as it goes
         return f"epoch {epoch}/{epochs or _planned_so_far(state.budget)}"
@@ -1077,7 +1101,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
         if isinstance(setup.sampler, DistributedSampler):
             setup.sampler.set_epoch(epoch)
         steps_before = state.steps
-        augment = setup.augment
+        augment, augmented = setup.augment, config.data.augment != "none"
         if config.data.augment == "auto":  # small images in a time budget: augment runs planned for enough epochs
             planned = (epochs if state.budget is None  # a budget removed on resume
                        else state.budget.planned_epochs() if state.budget.step_seconds is not None else None)
@@ -1087,6 +1111,14 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                 log.info(f"data.augment=auto: {'light' if augmented else 'none'} from epoch {epoch} "
                          f"({planned or 'not yet known'} epochs planned)")
             was_augmented = augmented
+        flipped = test_time_flip(config, augmented)
+        if flipped != was_flipped:
+            answer = "the mean of each image and its mirror image" if flipped else "the plain network"
+            kept_back = " (the final evaluation, twice as long, is kept back from the budget)" if flipped and state.budget else ""
+            log.info(f"model.tta={config.model.tta}: from epoch {epoch} the saved model answers with {answer}{kept_back}")
+            was_flipped = flipped
+        if state.budget is not None:  # the final evaluation of a model that mirrors predicts each image twice
+            state.budget.final_slowdown = final_slowdown * (2 if flipped else 1)
         stats = train_one_epoch(
             trained, setup.train_loader, setup.optimizer, setup.loss_function, runtime, state.scaler,
             augment=augment, mixing=setup.mixing, step_scheduler=scheduler if schedule_every == "step" else None,
@@ -1124,7 +1156,7 @@ def _fit(config: Config, run_dir: Path, source: DataSource, runtime: Runtime, en
                 metrics = {key: value for key, value in row.items() if key.startswith("val_")}
                 metrics["weights"] = "ema" if weights is not model else "raw"
                 best_files = (metrics["weights"],
-                              artifact_metadata(config, class_names, metrics, epoch, env, setup.normalisation))
+                              artifact_metadata(config, class_names, metrics, epoch, env, setup.normalisation, flipped))
             checkpoints.save(saved, best=best_files)
         if state.budget is not None:  # planned from the next correction on (this epoch's plan is saved above)
             state.budget.checkpoint_seconds = time.perf_counter() - writing_started
@@ -1182,7 +1214,8 @@ def _final_evaluation(config: Config, run_dir: Path, source: DataSource, runtime
                 loggers.log_image(f"confusion/{split}", run_dir / f"confusion_{split}.png", last_epoch)
         monitor, headline = config.train.monitor, get_task(config.task).headline[0]
         log.info(f"best {monitor} {result['best'][monitor]:.4f} at epoch {result['best_epoch']}; "
-                 f"{split} {headline} {final[headline]:.4f}")
+                 f"{split} {headline} {final[headline]:.4f}" + (" with flip TTA, the mean of each image and its "
+                                                                "mirror image (model.tta)" if metadata.get("tta") == "flip" else ""))
         log.info(f"results: {run_dir}  (metrics.csv, predictions_{split}.csv, confusion_{split}.png, checkpoints/)")
         output[f"{split}_metrics"] = final
     runtime.distributed.barrier()
