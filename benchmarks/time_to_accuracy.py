@@ -17,6 +17,11 @@ draws the plot (benchmarks/time_to_accuracy.png) from what is there.
     .venv/bin/python benchmarks/time_to_accuracy.py --budgets 10 -- model.width=16  # a default to try (keys after --)
     .venv/bin/python benchmarks/time_to_accuracy.py --profile                     # where a step's time goes
     .venv/bin/python benchmarks/time_to_accuracy.py --report
+
+On a CPU with AVX-512, the figures of one without it (AVX2 only: fp32, as `precision=auto` then trains) come
+from limiting PyTorch's kernels and oneDNN to AVX2 (a proxy: clocks and caches stay this machine's):
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/time_to_accuracy.py --budgets 10
 """
 
 from __future__ import annotations
@@ -60,11 +65,11 @@ def network_name(model) -> str:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU has AVX-512 BF16, on which `precision=auto` trains in bf16 (2-4x faster)."""
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    """Whether `precision=auto` trains in bf16 here: a CPU with native bf16 (AVX-512 BF16, 2-4x faster)
+    that oneDNN may use (ONEDNN_MAX_CPU_ISA=AVX2 emulates a CPU without AVX-512, see the module's doc)."""
+    from imgcls.runtime import cpu_supports_bf16
+
+    return cpu_supports_bf16()
 
 
 def plain_loop(budgets: list[float], seed: int) -> list[dict]:
