@@ -391,11 +391,14 @@ def test_an_interrupted_budgeted_run_resumes_the_same_plan(shapes_folder, tmp_pa
     assert f"{spent / 60:.1f} spent before this resume" in log
     # the mirroring model's final evaluation (twice validation's work) is kept back from the budget
     assert "model.tta=flip: from epoch 1 the saved model answers with the mean of each image and its mirror image " \
-           "(the final evaluation, twice as long, is kept back from the budget)" in log
+           "(the final evaluation, 2x as long, is kept back from the budget)" in log
     assert imgcls.load(runs / "budget").metadata["tta"] == "flip"
     rows = metrics_rows(runs / "budget")
     assert [int(row["epoch"]) for row in rows] == list(range(1, len(rows) + 1))
-    assert float(rows[-1]["lr"]) < 0.1 * max(float(row["lr"]) for row in rows)  # the same cosine, ended
+    # the same cosine, continued: no second warm-up after the resume (where it ends is checked without a resume,
+    # above: here a slow first epoch of the resumed process, 2 s against 0.5, can end the plan early)
+    rates = [float(row["lr"]) for row in rows]
+    assert rates[-1] < max(rates) and all(later <= earlier for earlier, later in zip(rates[1:], rates[2:]))
     # the checkpoint holds the plan that ended the run, even when its last epoch re-planned it shorter
     assert load_checkpoint(runs / "budget" / "checkpoints" / "last.ckpt")["budget"]["total_steps"] == \
         load_checkpoint(runs / "budget" / "checkpoints" / "last.ckpt")["steps"]

@@ -276,30 +276,98 @@ def test_a_model_trained_without_flips_is_never_mirrored(shapes_folder, tmp_path
 
 @pytest.fixture(scope="module")
 def mirroring_run(shapes_folder, tmp_path_factory) -> Path:
-    """A run whose model averages each image with its mirror: model.tta=auto, trained on mirror images."""
+    """A run whose model averages each image with its mirror: model.tta=flip, trained on mirror images."""
     return train_tiny_run(shapes_folder, tmp_path_factory.mktemp("mirroring") / "runs", tmp_path_factory,
+                          "data.augment=light", "train.epochs=1", "model.tta=flip")
+
+
+@pytest.fixture(scope="module")
+def cropping_run(shapes_folder, tmp_path_factory) -> Path:
+    """A run whose model averages each image, its mirror and its shifted crops: model.tta=auto, trained on
+    mirror images and shifted crops."""
+    return train_tiny_run(shapes_folder, tmp_path_factory.mktemp("cropping") / "runs", tmp_path_factory,
                           "data.augment=light", "train.epochs=1")
 
 
-def test_tta_auto_follows_the_mirror_images_of_training():
-    from imgcls.training import test_time_flip
+def test_tta_auto_follows_the_augmentation_of_training():
+    from imgcls.training import test_time_augmentation, test_time_views
 
-    def flips(*overrides: str, augmented: bool = True) -> bool:
-        return test_time_flip(imgcls.load_config(overrides=["data.image_size=28", "data.horizontal_flip=true",
-                                                            *overrides]), augmented)
+    def tta(*overrides: str, augmented: bool = True) -> str:
+        return test_time_augmentation(imgcls.load_config(overrides=["data.image_size=28", "data.horizontal_flip=true",
+                                                                    *overrides]), augmented)
 
-    assert flips() and flips("data.image_size=64")
-    assert not flips(augmented=False)  # an unaugmented epoch never saw a mirror image
-    assert not flips("data.horizontal_flip=false")
-    assert not flips("data.image_size=128")  # bigger images: not measured, and inference costs more
-    assert not flips("model.tta=none")
-    assert flips("model.tta=flip", "data.image_size=224", augmented=False)
+    assert tta() == tta("data.image_size=64") == "crops"
+    assert tta(augmented=False) == "none"  # an unaugmented epoch never saw a mirror image or a shifted crop
+    assert tta("data.horizontal_flip=false") == "none"
+    assert tta("data.image_size=128") == "none"  # bigger images: not measured, and inference costs more
+    assert tta("model.tta=none") == "none"
+    assert tta("model.tta=flip", "data.image_size=224", augmented=False) == "flip"
+    assert tta("model.tta=crops", "data.horizontal_flip=false") == "crops"
+    assert [test_time_views(mode, True) for mode in ("none", "flip", "crops")] == [1, 2, 6]
+    assert test_time_views("crops", False) == 5  # the image and its shifts, without the mirror image
+
+
+def test_an_artifact_says_which_views_its_model_runs_itself():
+    from imgcls.prediction import built_in_views
+
+    def views(tta: str | None, flip: bool = True) -> tuple[bool, bool]:
+        return built_in_views({"config": {"data": {"horizontal_flip": flip}}, **({"tta": tta} if tta else {})})
+
+    assert views(None) == views("none") == (False, False)  # artifacts from before model.tta: the plain network
+    assert views("flip") == (True, False)
+    assert views("crops") == (True, True) and views("crops", flip=False) == (False, True)
+
+
+def test_a_cropping_model_answers_the_mean_of_the_views_of_tta_crops(cropping_run, photos, tmp_path, capsys):
+    from imgcls.explain import gradcam
+    from imgcls.models import shifted_views
+
+    model = load(cropping_run)
+    assert model.metadata["tta"] == "crops" and model.test_time_shifts and model.test_time_flip
+    assert model.model.test_time_views == 6
+    assert "model.tta=auto: from epoch 1 the saved model answers with the mean of each image, its mirror image and " \
+        "its shifts by 1/16 of the side" in (cropping_run / "log.txt").read_text()
+    images = np.stack([model.read(str(path)) for path in photos[:4]]).transpose(0, 3, 1, 2).copy()
+    batch = torch.from_numpy(images)
+    normalised = (batch.float() / 255 - model.model.mean) / model.model.std
+    shifts = shifted_views(normalised)
+    with torch.no_grad():
+        averaged = model.model(batch)
+        by_hand = sum(model.model.backbone(view) for view in [normalised, normalised.flip(3), *shifts]) / 6
+        plain = model.model.backbone(normalised)
+    torch.testing.assert_close(averaged, by_hand, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(averaged, plain)  # the views answer differently: the mean is not a no-op
+    # the views are the ones --tta crops makes of a plain model (a shift of 1/16 of 32 px: 2 px)
+    crops = [torch.from_numpy(view) for view in augmented_views(images, "crops")]
+    assert len(crops) == 6 and len(shifts) == 4
+    for view, crop in zip([normalised, normalised.flip(3), *shifts], crops):
+        torch.testing.assert_close(view, (crop.float() / 255 - model.model.mean) / model.model.std)
+    # --tta on such a model adds nothing: the same probabilities
+    paths = [str(path) for path in photos[:4]]
+    assert model.predict(paths, tta="crops") == model.predict(paths) == model.predict(paths, tta="flip")
+    run = copy_tree(cropping_run, tmp_path / "run")
+    assert main(["eval", str(run), "--tta", "crops", "--no-explain", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["tta"]["views"] == 6 and metrics["tta"]["acc1"] == metrics["acc1"]
+    # the ONNX graph averages the same six views; Grad-CAM sees the plain network
+    assert main(["export", str(run)]) == 0
+    onnx_model = OnnxClassifier(run / "export" / "model.onnx")
+    assert onnx_model.test_time_shifts and onnx_model.test_time_flip
+    assert dict((entry.key, entry.value) for entry in onnx.load(run / "export" / "model.onnx").metadata_props
+                )["tta"].startswith("crops")
+    for onnx_row, row in zip(onnx_model.predict(paths), model.predict(paths)):
+        assert onnx_row["label"] == row["label"] and onnx_row["prob_1"] == pytest.approx(row["prob_1"], abs=1e-4)
+    maps = gradcam(model.model, batch, [0, 1, 0, 1])
+    assert model.model.test_time_flip and model.model.test_time_shifts  # restored after Grad-CAM
+    model.model.test_time_flip = model.model.test_time_shifts = False
+    np.testing.assert_allclose(gradcam(model.model, batch, [0, 1, 0, 1]), maps, atol=1e-5)
 
 
 def test_a_mirroring_model_answers_the_mean_of_the_image_and_its_mirror(mirroring_run, photos):
     model = load(mirroring_run)
     assert model.metadata["tta"] == "flip" and model.test_time_flip and model.model.test_time_flip
-    assert "model.tta=auto: from epoch 1 the saved model answers with the mean of each image and its mirror image" \
+    assert not model.test_time_shifts and model.model.test_time_views == 2
+    assert "model.tta=flip: from epoch 1 the saved model answers with the mean of each image and its mirror image" \
         in (mirroring_run / "log.txt").read_text()
     images = np.stack([model.read(str(path)) for path in photos[:4]]).transpose(0, 3, 1, 2).copy()
     batch = torch.from_numpy(images)

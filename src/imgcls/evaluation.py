@@ -32,7 +32,8 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, runtime: Runtime,
     """(logits as float32 on CPU, labels) over a whole loader, in eval mode.
 
     With `tta` ("flip" or "crops", see `imgcls.prediction.augmented_views`; `flip=False` leaves the mirror
-    image out; a model with `test_time_flip` mirrors each view itself), the logits are the log of the
+    image out; a model with `test_time_flip` mirrors each view itself, one with `test_time_shifts` makes
+    every view itself), the logits are the log of the
     softmax averaged over the views: their softmax is the test-time-augmented probability, and every
     metric reads them as it reads plain logits (for a multi-label `task`, the logits of the sigmoids
     averaged over the views)."""
@@ -41,10 +42,10 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, runtime: Runtime,
 
     task = task or SingleLabel()
     model.eval()
-    mirrored = getattr(model, "test_time_flip", False)
+    mirrored, shifted = getattr(model, "test_time_flip", False), getattr(model, "test_time_shifts", False)
     all_logits, all_labels = [], []
     for images, labels in loader:
-        views = [images] if tta is None else [torch.from_numpy(view) for view in augmented_views(images.numpy(), tta, flip, mirrored)]
+        views = [images] if tta is None else [torch.from_numpy(view) for view in augmented_views(images.numpy(), tta, flip, mirrored, shifted)]
         outputs = []
         for view in views:
             with runtime.autocast():
@@ -427,14 +428,18 @@ def _tta_metrics(classifier, dataset, batch_size: int, tta: str) -> dict[str, An
 
     if not classifier.flip_allowed:
         log.info("TTA without the mirror image: the model was trained with data.horizontal_flip=false")
+    if classifier.test_time_shifts:
+        log.info("the model averages each image with its shifted crops itself (tta: crops in its artifact, "
+                 f"model.tta): its plain figures are already crops TTA's, and --tta {tta} adds nothing")
     elif classifier.test_time_flip:
         log.info("the model averages each image with its mirror image itself (tta: flip in its artifact, "
                  "model.tta): its plain figures are already flip TTA's" + (", and --tta flip adds nothing" if tta == "flip" else ""))
     loader = make_loader(dataset, batch_size, workers=0, shuffle=False)
     task = classifier.task
     logits, labels = predict_loader(classifier.model, loader, classifier.runtime, tta, classifier.flip_allowed, task)
-    views = len(augmented_views(np.zeros((1, 3, 4, 4), np.uint8), tta, classifier.flip_allowed, classifier.test_time_flip))
-    views *= 2 if classifier.test_time_flip else 1
+    views = len(augmented_views(np.zeros((1, 3, 4, 4), np.uint8), tta, classifier.flip_allowed, classifier.test_time_flip,
+                                classifier.test_time_shifts))
+    views *= classifier.model.test_time_views
     figures = task.metrics(logits, labels, task.decision(classifier.metadata, None, None))
     return {"mode": tta, "views": views, "flip": classifier.flip_allowed,
             **{key: value for key, value in figures.items() if key != "n"}}

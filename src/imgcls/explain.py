@@ -53,18 +53,19 @@ def _preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore, on exit, every module's train/eval flag and every parameter's `requires_grad` and
     `.grad`: a model may mix modes on purpose (BatchNorm frozen in eval inside a training model)
     and carry gradients accumulated by a training loop, so a global `model.train()` is not enough.
-    Inside, a model that averages each image with its mirror (`ImageClassifier.test_time_flip`) runs the
-    plain network: a map or a feature vector describes the image as it is, from one forward pass."""
+    Inside, a model that averages several views of each image (`ImageClassifier.test_time_flip`,
+    `test_time_shifts`) runs the plain network: a map or a feature vector describes the image as it is,
+    from one forward pass."""
     modes = [(module, module.training) for module in model.modules()]
     parameters = [(parameter, parameter.requires_grad, parameter.grad) for parameter in model.parameters()]
-    test_time_flip = getattr(model, "test_time_flip", False)
+    views = {name: getattr(model, name) for name in ("test_time_flip", "test_time_shifts") if hasattr(model, name)}
     try:
-        if test_time_flip:
-            model.test_time_flip = False
+        for name in views:
+            setattr(model, name, False)
         yield
     finally:
-        if test_time_flip:
-            model.test_time_flip = True
+        for name, value in views.items():
+            setattr(model, name, value)
         for module, training in modes:
             module.training = training
         for parameter, requires_grad, grad in parameters:

@@ -260,7 +260,10 @@ def onnx_metadata(predictor: Predictor) -> dict[str, str]:
                     "threshold), logits"),
         "thresholds": json.dumps(calibration.get("thresholds")),
         "temperature": repr(predictor.temperature),
-        "tta": ("flip: the graph averages the logits of each image and of its mirror image" if predictor.test_time_flip
+        "tta": ("crops: the graph averages the logits of each image, " + ("of its mirror image " if predictor.test_time_flip
+                                                                           else "") + "and of its shifts by 1/16 of the side"
+                if predictor.test_time_shifts
+                else "flip: the graph averages the logits of each image and of its mirror image" if predictor.test_time_flip
                 else "none"),
         "reject_threshold": json.dumps((calibration.get("reject") or {}).get("threshold")),
         "imgcls_version": imgcls_version(),

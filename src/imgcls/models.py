@@ -157,27 +157,49 @@ class ImageClassifier(nn.Module):
     """Normalisation + backbone. Input: RGB NCHW images, uint8 (0..255) or float (0..1), the
     convention of torchvision's transforms.
 
-    `test_time_flip` (the artifact's `tta: flip`, see `model.tta`): in eval mode the logits are the mean
-    of the image's and its mirror image's, so that evaluation, calibration, prediction, serving and the
-    ONNX export all answer with the same model. Training, and `imgcls.explain` (Grad-CAM needs one
-    image per activation), see the plain network."""
+    Test-time augmentation built into the model (the artifact's `tta`, see `model.tta`): in eval mode the
+    logits are the mean of those of several views of each image, so that evaluation, calibration,
+    prediction, serving and the ONNX export all answer with the same model. `test_time_flip`: the image's
+    mirror image is one (`tta: flip`). `test_time_shifts`: so are the image shifted by 1/16 of its side up,
+    down, left and right, the uncovered border filled by reflection (`tta: crops`: the views of `--tta
+    crops`). Training, and `imgcls.explain` (Grad-CAM needs one image per activation), see the plain network."""
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
-                 test_time_flip: bool = False):
+                 test_time_flip: bool = False, test_time_shifts: bool = False):
         super().__init__()
         self.backbone = backbone
         self.test_time_flip = test_time_flip
+        self.test_time_shifts = test_time_shifts
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def test_time_views(self) -> int:
+        """Forward passes per image in eval mode: 1 for the plain network."""
+        return 1 + int(self.test_time_flip) + 4 * int(self.test_time_shifts)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
         images = (images - self.mean) / self.std
-        if self.test_time_flip and not self.training:
-            # two passes rather than one batch of twice the size: a prediction needs no more memory than before
-            return (self.backbone(images) + self.backbone(images.flip(3))) / 2
-        return self.backbone(images)
+        if self.training or self.test_time_views == 1:
+            return self.backbone(images)
+        # a pass per view rather than one batch of all of them: a prediction needs no more memory than before
+        views = [images.flip(3)] if self.test_time_flip else []
+        total = self.backbone(images)
+        for view in views + (shifted_views(images) if self.test_time_shifts else []):
+            total = total + self.backbone(view)
+        return total / self.test_time_views
+
+
+def shifted_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The batch shifted by 1/16 of its side (at least 1 px) up, down, left and right, the uncovered border
+    filled by reflection: the shifts of `imgcls.prediction.augmented_views`' crops."""
+    size = images.shape[-1]
+    shift = max(1, size // 16)
+    padded = nn.functional.pad(images, (shift, shift, shift, shift), mode="reflect")
+    return [padded[..., top:top + size, left:left + size]
+            for top, left in ((0, shift), (2 * shift, shift), (shift, 0), (shift, 2 * shift))]
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -302,7 +324,8 @@ def zero_init_residuals(model: nn.Module) -> None:
 def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
                  drop_rate: float = 0.0, pretrained: str | None = None,
                  head_hidden: int | None = None, width: int | None = None,
-                 blocks: int | None = None, test_time_flip: bool = False) -> ImageClassifier:
+                 blocks: int | None = None, test_time_flip: bool = False,
+                 test_time_shifts: bool = False) -> ImageClassifier:
     """Build `name` with a `num_classes` head, optionally starting from pretrained weights.
 
     `pretrained`: None (random), `imagenet` (see `imgcls.pretrained`: EfficientNet-Lite0's weights
@@ -311,7 +334,8 @@ def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tupl
     eps 1e-3), the network its ImageNet weights were trained as (see `MODEL_ALIASES`).
     `head_hidden`: a hidden layer of that width in the (new) classifier head. `width`, `blocks`: the shape
     of a small_resnet (`model.width`, `model.blocks`; None: `SMALL_RESNET_SHAPE`); `width` also sets a
-    small_convnet's channels (None: `SMALL_CONVNET_WIDTH`). `test_time_flip`: see `ImageClassifier`.
+    small_convnet's channels (None: `SMALL_CONVNET_WIDTH`). `test_time_flip`, `test_time_shifts`: see
+    `ImageClassifier`.
 
     Raises:
         ImgclsError: unknown model name, unusable weights file, ImageNet weights that cannot be had, or a
@@ -326,7 +350,7 @@ def create_model(name: str, num_classes: int, mean: tuple[float, ...], std: tupl
         load_weights(backbone, pretrained)
     if head_hidden:  # after the weights: the new head is always trained from scratch
         attach_hidden_head(backbone, num_classes, head_hidden, drop_rate)
-    return ImageClassifier(backbone, mean, std, test_time_flip)
+    return ImageClassifier(backbone, mean, std, test_time_flip, test_time_shifts)
 
 
 def training_flops_per_image(name: str, num_classes: int, image_size: int, width: int | None = None,

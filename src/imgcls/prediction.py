@@ -67,8 +67,20 @@ def find_artifact(run: str | Path) -> Path:
     return artifact
 
 
+def built_in_views(metadata: dict[str, Any]) -> tuple[bool, bool]:
+    """(mirror, shifts): the test-time augmentation an artifact's model runs itself (`tta`, see
+    `model.tta`; absent before 2026-12-02: none). crops mirrors only a model that may flip."""
+    tta = metadata.get("tta") or "none"
+    return tta == "flip" or (tta == "crops" and may_flip(metadata)), tta == "crops"
+
+
+def may_flip(metadata: dict[str, Any]) -> bool:
+    """False for an artifact trained with data.horizontal_flip=false (a mirror image may be another class)."""
+    return ((metadata.get("config") or {}).get("data") or {}).get("horizontal_flip", True) is not False
+
+
 def augmented_views(images: np.ndarray, tta: TestTimeAugmentation | None, flip: bool = True,
-                    mirrored: bool = False) -> list[np.ndarray]:
+                    mirrored: bool = False, shifted: bool = False) -> list[np.ndarray]:
     """The views of a uint8 NCHW batch whose probabilities test-time augmentation averages.
 
     None: the batch itself. flip: the batch and its mirror image (left-right). crops: those two and the
@@ -77,10 +89,11 @@ def augmented_views(images: np.ndarray, tta: TestTimeAugmentation | None, flip: 
     with data.horizontal_flip=false, where a mirror image may be another class) leaves the mirror out:
     flip then means the shifted crops alone. `mirrored=True` (a model that averages each image with its
     mirror itself, `Predictor.test_time_flip`) leaves the mirror out too, with nothing in its place: flip then
-    means the batch alone.
+    means the batch alone. `shifted=True` (a model with the crops built in, `Predictor.test_time_shifts`):
+    every view is built in, and the batch alone remains.
     """
     views = [images]
-    if tta is None:
+    if tta is None or shifted:
         return views
     if tta not in ("flip", "crops"):
         raise ImgclsError(f"--tta {tta}: use flip or crops")
@@ -126,13 +139,19 @@ class Predictor:
     @property
     def flip_allowed(self) -> bool:
         """False for a model trained with data.horizontal_flip=false: flip TTA leaves the mirror out."""
-        return ((self.metadata.get("config") or {}).get("data") or {}).get("horizontal_flip", True) is not False
+        return may_flip(self.metadata)
 
     @property
     def test_time_flip(self) -> bool:
-        """True when the model answers with the mean of each image's logits and its mirror image's (the
-        artifact's `tta: flip`, see `model.tta`): flip TTA is then built in."""
-        return self.metadata.get("tta") == "flip"
+        """True when the model averages the logits of each image with its mirror image's (the artifact's
+        `tta: flip`, or `tta: crops` of a model that may flip, see `model.tta`): flip TTA is then built in."""
+        return built_in_views(self.metadata)[0]
+
+    @property
+    def test_time_shifts(self) -> bool:
+        """True when the model averages the logits of each image and of its shifts (the artifact's `tta:
+        crops`): the crops of `--tta crops` are then built in."""
+        return built_in_views(self.metadata)[1]
 
     def reject_threshold(self, reject: str | float | None) -> float | None:
         """The confidence below which a single-label `predict` answers `unknown`: None (never), a number,
@@ -160,7 +179,7 @@ class Predictor:
 
     def batch_probabilities(self, images: np.ndarray, tta: TestTimeAugmentation | None = None) -> np.ndarray:
         """`forward`, averaged over the test-time augmentation views when `tta` is given."""
-        views = augmented_views(images, tta, self.flip_allowed, self.test_time_flip)
+        views = augmented_views(images, tta, self.flip_allowed, self.test_time_flip, self.test_time_shifts)
         if len(views) == 1:
             return self.forward(images)
         return np.mean([self.forward(view) for view in views], axis=0, dtype=np.float32)
@@ -296,11 +315,12 @@ def load(run: str | Path, device: str = "auto") -> Predictor:
     if runtime.device.type == "cpu":
         runtime.precision = "fp32"
     preprocessing = metadata["preprocessing"]
+    flip, shifts = built_in_views(metadata)
     model = create_model(metadata["model_name"], len(metadata["class_names"]), tuple(preprocessing["mean"]),
                          tuple(preprocessing["std"]), drop_rate=metadata.get("drop_rate", 0.0),
                          head_hidden=metadata.get("head_hidden"), width=metadata.get("width"),
                          blocks=metadata.get("blocks"),  # absent before 2026-11-30: the default shape
-                         test_time_flip=metadata.get("tta") == "flip")  # absent before 2026-12-02: none
+                         test_time_flip=flip, test_time_shifts=shifts)
     model.load_state_dict(state_dict)
     model = runtime.prepare_model(model).eval()
     return Classifier(model=model, metadata=metadata, runtime=runtime)
