@@ -1,5 +1,3 @@
-import sys
+from imgcls.cli import run
 
-from imgcls.cli import main
-
-sys.exit(main())
+run()
