@@ -139,9 +139,9 @@ class ModelConfig:
     the ONNX export answer with the mean of the logits of several views of each image; the artifact records
     it as `tta`. flip: the image and its mirror image (twice the inference time). crops: the image, its mirror
     image (unless data.horizontal_flip is false) and its shifts by 1/16 of the side (at least 1 px) up,
-    down, left and right: the views of `--tta crops` (6 passes, or 5). auto: crops for images of 64 px or less when the best
-    epoch trained on mirror images and shifted crops (`data.horizontal_flip` and an augmentation other than
-    none), none otherwise. Validation during training is always plain. `--tta` of eval and predict adds
+    down, left and right: the views of `--tta crops` (6 passes, or 5). auto: crops for images of 64 px or
+    less when the best epoch trained on mirror images and shifted crops (`data.horizontal_flip` and an
+    augmentation other than none), none otherwise. Validation during training is always plain. `--tta` of eval and predict adds
     views on top of flip (none on top of crops)."""
 
 

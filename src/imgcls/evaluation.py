@@ -33,9 +33,8 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, runtime: Runtime,
 
     With `tta` ("flip" or "crops", see `imgcls.prediction.augmented_views`; `flip=False` leaves the mirror
     image out; a model with `test_time_flip` mirrors each view itself, one with `test_time_shifts` makes
-    every view itself), the logits are the log of the
-    softmax averaged over the views: their softmax is the test-time-augmented probability, and every
-    metric reads them as it reads plain logits (for a multi-label `task`, the logits of the sigmoids
+    every view itself), the logits are the log of the softmax averaged over the views: their softmax is the
+    test-time-augmented probability, and every metric reads them as it reads plain logits (for a multi-label `task`, the logits of the sigmoids
     averaged over the views)."""
     from imgcls.prediction import augmented_views
     from imgcls.tasks import SingleLabel

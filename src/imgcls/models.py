@@ -186,8 +186,10 @@ class ImageClassifier(nn.Module):
             return self.backbone(images)
         # a pass per view rather than one batch of all of them: a prediction needs no more memory than before
         views = [images.flip(3)] if self.test_time_flip else []
+        if self.test_time_shifts:
+            views += shifted_views(images)
         total = self.backbone(images)
-        for view in views + (shifted_views(images) if self.test_time_shifts else []):
+        for view in views:
             total = total + self.backbone(view)
         return total / self.test_time_views
 
