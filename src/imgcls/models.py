@@ -176,7 +176,7 @@ class ImageClassifier(nn.Module):
     @property
     def test_time_views(self) -> int:
         """Forward passes per image in eval mode: 1 for the plain network."""
-        return 1 + int(self.test_time_flip) + 4 * int(self.test_time_shifts)
+        return test_time_view_count(self.test_time_flip, self.test_time_shifts)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
@@ -192,6 +192,11 @@ class ImageClassifier(nn.Module):
         for view in views:
             total = total + self.backbone(view)
         return total / self.test_time_views
+
+
+def test_time_view_count(flip: bool, shifts: bool) -> int:
+    """Forward passes per image of a model with these views built in: the image, its mirror, its 4 shifts."""
+    return 1 + int(flip) + 4 * int(shifts)
 
 
 def shifted_views(images: torch.Tensor) -> list[torch.Tensor]:

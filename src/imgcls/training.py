@@ -33,7 +33,8 @@ from imgcls.errors import ImgclsError
 from imgcls.evaluation import calibrate, evaluate, predict_loader
 from imgcls.models import (
     LOCAL_MODELS, LONG_BUDGET_SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_CONVNET_WIDTH, SMALL_RESNET_SHAPE,
-    check_network_shape, create_model, default_preprocessing, head_parameters, set_backbone_trainable, training_flops_per_image, zero_init_residuals,
+    check_network_shape, create_model, default_preprocessing, head_parameters, set_backbone_trainable, test_time_view_count, training_flops_per_image,
+    zero_init_residuals,
 )
 from imgcls.runtime import CoreShare, Distributed, Runtime, rng_state, seed_everything, set_rng_state
 from imgcls.tasks import SingleLabel, Task, get_task
@@ -487,7 +488,7 @@ def test_time_augmentation(config: Config, augmented: bool) -> str:
 
 def test_time_views(tta: str, flip: bool) -> int:
     """Forward passes per image of a model with `tta` built in (see `ImageClassifier.test_time_views`)."""
-    return {"none": 1, "flip": 2, "crops": 6 if flip else 5}[tta]
+    return test_time_view_count(tta == "flip" or (tta == "crops" and flip), tta == "crops")
 
 
 def artifact_metadata(config: Config, class_names: list[str], metrics: dict[str, Any], epoch: int,
