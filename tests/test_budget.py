@@ -23,7 +23,8 @@ from imgcls.config import load_config
 from imgcls.data import assign_splits, resolve_source
 from imgcls.data.checks import mirror_check
 from imgcls.models import (
-    LONG_BUDGET_SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_CONVNET_WIDTH, SMALL_RESNET_SHAPE,
+    LONG_BUDGET_SMALL_RESNET_SHAPE, SHORT_BUDGET_SMALL_CONVNET_WIDTH, SHORT_BUDGET_SMALL_RESNET_SHAPE, SMALL_CONVNET_WIDTH,
+    SMALL_RESNET_SHAPE,
 )
 from imgcls.runtime import Runtime
 from imgcls.tracking import StepProgress
@@ -237,7 +238,7 @@ def test_the_budget_chooses_the_network_from_the_epochs_it_buys_of_the_default(s
     runtime = Runtime.create("cpu", "fp32")
     short = choose_small_network(config, source, runtime, choose_network=True)
     assert (short.model.name, short.model.width, short.model.blocks) == ("small_resnet", *SHORT_BUDGET_SMALL_RESNET_SHAPE)
-    assert "under 5, a narrower, deeper network" in source.notes[-1]
+    assert "under 4, a narrower, deeper network" in source.notes[-1]
     epochs = float(re.search(r"buys about ([0-9.]+) epochs", source.notes[-1]).group(1))
 
     def network(minutes: float, epochs: int | None = None, choose: bool = True) -> tuple[str, int, int | None]:
@@ -249,9 +250,12 @@ def test_the_budget_chooses_the_network_from_the_epochs_it_buys_of_the_default(s
     # the measured speed varies by some percent between calls: far from the thresholds here, at them below
     assert network(0.01 * 2 / epochs) == ("small_resnet", *SHORT_BUDGET_SMALL_RESNET_SHAPE)
     assert network(0.01 * 2 / epochs, epochs=1) == resnet  # train.epochs ends the run first: not short of time
-    assert network(0.01 * 15 / epochs) == ("small_convnet", SMALL_CONVNET_WIDTH, None)  # time for a wider network
+    assert network(0.01 * 6 / epochs) == ("small_convnet", SHORT_BUDGET_SMALL_CONVNET_WIDTH, None)  # a faster network
+    assert "model.name=small_convnet model.width=32: " in source.notes[-1]
+    assert "from 4 to 8, small_convnet 32 learns more" in source.notes[-1]
+    assert network(0.01 * 15 / epochs) == ("small_convnet", SMALL_CONVNET_WIDTH, None)  # time for a wider one
     assert "model.name=small_convnet model.width=64: " in source.notes[-1]
-    assert "from 5 to 40, the wider small_convnet" in source.notes[-1]
+    assert "from 8 to 40, the wider small_convnet" in source.notes[-1]
     assert network(0.01 * 150 / epochs) == ("small_resnet", *LONG_BUDGET_SMALL_RESNET_SHAPE)  # where it is not ahead
     assert "from 40, small_convnet is no longer ahead" in source.notes[-1]
     # model.name=small_resnet asked for: its deeper shape
@@ -264,12 +268,13 @@ def test_the_budget_chooses_the_network_from_the_epochs_it_buys_of_the_default(s
         return network.name, network.width, network.blocks
 
     short, long = ("small_resnet", *SHORT_BUDGET_SMALL_RESNET_SHAPE), ("small_resnet", *LONG_BUDGET_SMALL_RESNET_SHAPE)
-    assert ([shape_of(small_network_for(bought, None, True)) for bought in (4.9, 5, 7.9, 8, 9.9, 10, 39.9, 40)]
-            == [short, *[convnet] * 6, long])
+    narrow = ("small_convnet", SHORT_BUDGET_SMALL_CONVNET_WIDTH, None)
+    assert ([shape_of(small_network_for(bought, None, True)) for bought in (3.9, 4, 7.9, 8, 9.9, 10, 39.9, 40)]
+            == [short, narrow, narrow, *[convnet] * 4, long])
     assert [shape_of(small_network_for(bought, None, False)) for bought in (7.9, 8, 9.9, 10)] == [short, resnet, resnet, long]
     assert shape_of(small_network_for(7.9, 7, True)) == resnet  # 7 epochs fit: the one that learns most per epoch
-    assert shape_of(small_network_for(4.9, 5, True)) == short
-    assert shape_of(small_network_for(7.9, 8, True)) == convnet
+    assert shape_of(small_network_for(3.9, 4, True)) == short
+    assert shape_of(small_network_for(7.9, 8, True)) == narrow
     assert shape_of(small_network_for(9, 8, True)) == resnet  # 8 epochs fit in the time: not short of it
     assert shape_of(small_network_for(12, 20, False)) == long  # the budget ends 20 epochs first
     # a shape asked for is kept, the other key at its default; without a budget, the default

@@ -106,7 +106,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "auto"
     """A timm architecture (`imgcls models` lists them), `small_resnet` or `small_convnet`. auto: `small_resnet`
-    for images of 64 px or less (with `train.max_minutes`, `small_convnet` when the budget buys 5 to 40
+    for images of 64 px or less (with `train.max_minutes`, `small_convnet` when the budget buys 4 to 40
     epochs of small_resnet at the speed measured on this machine; see `model.width`), `resnet18` otherwise."""
     pretrained: Optional[str] = None
     """Weights to start from: `imagenet` (EfficientNet-Lite0's install with imgcls and work offline;
@@ -126,8 +126,8 @@ class ModelConfig:
     None (or `auto`): small_convnet 64; small_resnet 32, or with `model.blocks` also auto and
     `train.max_minutes`, 16 (with 2 blocks) when the budget buys fewer than 8 epochs of the 32-wide, 1-block
     network at the speed measured on this machine, and 32 with 2 blocks when it buys 10 or more. With
-    `model.name=auto`, a budget of 5 to 40 takes small_convnet 64 instead (under 5, 16/2; from 40, 32/2); a
-    run that `train.epochs` ends first keeps small_resnet 32/1."""
+    `model.name=auto`, a budget of 4 to 8 takes small_convnet 32 instead, of 8 to 40 small_convnet 64 (under
+    4, 16/2; from 40, 32/2); a run that `train.epochs` ends first keeps small_resnet 32/1."""
     blocks: Optional[int] = None
     """small_resnet: residual blocks per stage (1: 7 convolutions deep; 2: 13; 3: ResNet-20's 19).
     None (or `auto`): 1, or 2 when a time budget is short or long for the 1-block network (`model.width`)."""
