@@ -357,10 +357,10 @@ def small_network_for(affordable_epochs: float, fixed_epochs: int | None, choose
     if fixed_epochs is not None and affordable_epochs >= fixed_epochs:  # not short of time
         return SmallNetwork("small_resnet", *SMALL_RESNET_SHAPE)
     lowest, highest = SMALL_CONVNET_EPOCHS
-    if choose_network and lowest <= affordable_epochs < SHORT_BUDGET_EPOCHS:
-        return SmallNetwork("small_convnet", SHORT_BUDGET_SMALL_CONVNET_WIDTH, None,
-                            f"; from {lowest:g} to {SHORT_BUDGET_EPOCHS:g}, small_convnet 32 learns more in the time")
     if choose_network and lowest <= affordable_epochs < highest:
+        if affordable_epochs < SHORT_BUDGET_EPOCHS:
+            return SmallNetwork("small_convnet", SHORT_BUDGET_SMALL_CONVNET_WIDTH, None,
+                                f"; from {lowest:g} to {SHORT_BUDGET_EPOCHS:g}, small_convnet 32 learns more in the time")
         return SmallNetwork("small_convnet", SMALL_CONVNET_WIDTH, None,
                             f"; from {SHORT_BUDGET_EPOCHS:g} to {highest:g}, the wider small_convnet learns more in the time")
     if affordable_epochs < SHORT_BUDGET_EPOCHS:
